@@ -1,0 +1,78 @@
+"""
+Making and checking the proofs of identity that the handshake exchanges.
+"""
+
+from __future__ import annotations
+
+from ._identity import Identity, IdentityError, PeerIdentity, PublicKey, validateName
+from ._tls import Channel
+from ._wire import ErrorCode, Proof, Role, signedPayload
+
+
+class ProofRejected(Exception):
+    """
+    A proof failed a check.
+
+    @ivar code: the L{ErrorCode} to refuse with.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def makeProof(
+    identity: Identity, role: Role, challenge: bytes, exporter: bytes
+) -> Proof:
+    """
+    Sign C{identity}'s claim for the peer's C{challenge} on the connection
+    whose exporter value is C{exporter}.
+    """
+    algorithm = identity.algorithm.name
+    blob = identity.publicKey.blob
+    payload = signedPayload(
+        role, identity.org, identity.service, algorithm, blob, challenge, exporter
+    )
+    return Proof(
+        identity.org, identity.service, algorithm, blob, identity.sign(payload)
+    )
+
+
+def verifyProof(
+    proof: Proof, role: Role, challenge: bytes, channel: Channel
+) -> PeerIdentity:
+    """
+    Check a peer's proof: well-formed names, an algorithm name that matches the
+    key, the same key as the peer's TLS certificate, and a valid signature over
+    the claim, C{challenge} (which we sent) and this connection's exporter.
+
+    @param role: the role of the peer that made the proof.
+    @raise ProofRejected: naming the first check that failed.
+    """
+    try:
+        validateName("organization", proof.org)
+        validateName("service", proof.service)
+    except IdentityError as e:
+        raise ProofRejected(ErrorCode.protocol_error, str(e)) from None
+    try:
+        key = PublicKey.fromWire(proof.algorithm, proof.publicKey)
+    except IdentityError as e:
+        raise ProofRejected(ErrorCode.bad_signature, str(e)) from None
+    if key.blob != channel.peerKey.blob:
+        raise ProofRejected(
+            ErrorCode.bad_signature,
+            "the proof's key is not the key of the peer's TLS certificate",
+        )
+    payload = signedPayload(
+        role,
+        proof.org,
+        proof.service,
+        proof.algorithm,
+        proof.publicKey,
+        challenge,
+        channel.exporter,
+    )
+    if not key.verify(proof.signature, payload):
+        raise ProofRejected(ErrorCode.bad_signature, "the signature does not verify")
+    return PeerIdentity(proof.org, proof.service, key)

@@ -1,0 +1,537 @@
+"""
+The thin protocol between TLS and the application: it feeds the handshake
+machine and, once the machine says so, hands the connection to the
+application protocol.
+
+Inbound bytes go through three stages:
+
+1. I{frames}: decoded one at a time and fed to the machine;
+2. I{held}: after the last handshake frame the peer sends (C{PROOF} for a
+   server, C{ACCEPT} for a client), bytes are application data, kept back
+   (and the transport paused past L{MAX_HELD}) until the handshake is over;
+3. I{delivered}: handed to the application as they come, with no per-byte
+   work, by binding the application's C{dataReceived} directly.
+
+No byte reaches the application before stage 3, and none is lost or
+delivered twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import Attribute, implementer
+
+from ._identity import Identity, PeerIdentity
+from ._machine import (
+    Core,
+    Handshake,
+    Refusal,
+    buildClient,
+    buildServer,
+)
+from ._policy import ITrustPolicy
+from ._tls import ConnectionCreator, channelOf
+from ._wire import (
+    EXPLANATIONS,
+    Accept,
+    Challenge,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    ProofFrame,
+    WireError,
+    encodeFrame,
+)
+
+#: Application bytes a server keeps while it decides; past this it stops
+#: reading from the peer until the decision.
+MAX_HELD = 256 * 1024
+#: How long a failed connection may take to close before it is aborted.
+CLOSE_GRACE = 2.0
+
+_newServer = buildServer()
+_newClient = buildClient()
+
+
+class HandshakeFailed(Exception):
+    """
+    A dwtrust handshake did not succeed.
+
+    @ivar code: the L{ErrorCode}.
+    @ivar message: a plain explanation.
+    @ivar byPeer: L{True} if the peer refused us, L{False} if we refused it.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, byPeer: bool) -> None:
+        self.code = code
+        self.message = message
+        self.byPeer = byPeer
+        who = "refused by the peer" if byPeer else "refused"
+        super().__init__(f"{code.value} ({who}): {message}")
+
+
+class IAuthenticatedTransport(ITransport):
+    """
+    The transport an application protocol gets once the peer is
+    authenticated.  It is a plain transport plus the peer's identity.
+    """
+
+    peer = Attribute("The L{PeerIdentity} of the other end.")
+
+
+def _connection(tls: TLSMemoryBIOProtocol) -> IPushProducer:
+    """
+    The connection under the TLS layer, which reads (and stops reading) the
+    peer's bytes.
+    """
+    connection: IPushProducer = tls.transport  # type: ignore[assignment]
+    return connection
+
+
+class _Stage(enum.Enum):
+    frames = "frames"
+    held = "held"
+    delivered = "delivered"
+    discarded = "discarded"
+
+
+@implementer(IAuthenticatedTransport, IPushProducer)
+class AuthenticatedTransport:
+    """
+    What the application sees as its transport: exactly these methods, bound
+    straight to the TLS transport, and C{peer}.  Nothing else of the TLS
+    layer is exposed.
+    """
+
+    def __init__(
+        self,
+        tls: TLSMemoryBIOProtocol,
+        handshake: HandshakeProtocol,
+        peer: PeerIdentity,
+    ) -> None:
+        self.peer = peer
+        self._tls = tls
+        self._handshake = handshake
+        self.write: Callable[[bytes], None] = tls.write
+        self.writeSequence: Callable[[Any], None] = tls.writeSequence
+        self.loseConnection: Callable[[], None] = tls.loseConnection
+        self.abortConnection: Callable[[], None] = tls.abortConnection
+        self.getPeer: Callable[[], IAddress] = tls.getPeer
+        self.getHost: Callable[[], IAddress] = tls.getHost
+        self.registerProducer: Callable[[Any, bool], None] = tls.registerProducer
+        self.unregisterProducer: Callable[[], None] = tls.unregisterProducer
+
+    @property
+    def disconnecting(self) -> bool:
+        return bool(self._tls.disconnecting)
+
+    def pauseProducing(self) -> None:
+        self._handshake.pauseApplication()
+
+    def resumeProducing(self) -> None:
+        self._handshake.resumeApplication()
+
+    def stopProducing(self) -> None:
+        _connection(self._tls).stopProducing()
+
+    def __repr__(self) -> str:
+        return f"<AuthenticatedTransport peer={self.peer.name} {self.peer.fingerprint}>"
+
+
+@implementer(IHandshakeListener)
+class HandshakeProtocol(Protocol):
+    """
+    Runs one connection's handshake, then gets out of the way.
+
+    @ivar transport: the L{TLSMemoryBIOProtocol} below us.
+    """
+
+    transport: TLSMemoryBIOProtocol
+    _log = Logger()
+
+    def __init__(
+        self,
+        factory: HandshakeFactory,
+        application: IProtocol,
+        source: str,
+    ) -> None:
+        self._factory = factory
+        self._application = application
+        self._source = source
+        self._decoder = FrameDecoder()
+        self._stage = _Stage.frames
+        self._held: list[bytes] = []
+        self._heldSize = 0
+        self._overflowing = False
+        self._applicationPaused = False
+        self._readingPaused = False
+        self._tlsDone = False
+        self._timer: IDelayedCall | None = None
+        self._decision: Deferred[None] | None = None
+        self._failure: HandshakeFailed | None = None
+        self.peer: PeerIdentity | None = None
+        self.applicationConnected = False
+        self._outcome: IProtocol | Failure | None = None
+        self._waiters: list[Deferred[IProtocol]] = []
+        core = Core(factory.identity, self, factory.randomBytes)
+        self._core = core
+        self._machine: Handshake
+        if factory.isClient:
+            client = _newClient(core)
+            self._machine = client
+            self._dispatch: dict[type, Callable[[Any], None]] = {
+                Challenge: client.challenge,
+                Accept: client.accept,
+                Error: client.error,
+            }
+            self._lastFrame: type = Accept
+        else:
+            server = _newServer(core)
+            self._machine = server
+            self._dispatch = {
+                Hello: server.hello,
+                ProofFrame: server.proof,
+                Error: server.error,
+            }
+            self._lastFrame = ProofFrame
+
+    # Protocol and IHandshakeListener
+
+    def connectionMade(self) -> None:
+        self._timer = self._factory.clock.callLater(
+            self._factory.timeout, self._machine.timedOut
+        )
+
+    def handshakeCompleted(self) -> None:
+        self._tlsDone = True
+        try:
+            channel = channelOf(self.transport.getHandle())
+        except WireError as e:
+            self._machine.refuse(e.code, e.message)
+            return
+        self._machine.tlsReady(channel)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stage is _Stage.frames:
+            self._decoder.feed(data)
+            self._readFrames()
+        elif self._stage is _Stage.held:
+            self._hold(data)
+        # Once delivered, this method is shadowed by the application's own;
+        # once discarded, bytes are dropped.
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelTimer()
+        if not self._tlsDone and self._failure is None:
+            self._factory.log.info(
+                "dwtrust: connection from {source} closed before the TLS"
+                " handshake finished: {reason}",
+                event="dwtrust.tls_failed",
+                source=self._source,
+                reason=reason.getErrorMessage(),
+            )
+        self._stage = _Stage.discarded
+        self._machine.lost()
+        self._factory.forget(self)
+        failure = reason if self._failure is None else Failure(self._failure)
+        if self.applicationConnected:
+            self._application.connectionLost(failure)
+        else:
+            self._settle(failure)
+
+    def whenConnected(self) -> Deferred[IProtocol]:
+        """
+        Fires with the application protocol once it is connected, or fails
+        with why the handshake did not get that far.
+        """
+        if isinstance(self._outcome, Failure):
+            return fail(self._outcome)
+        if self._outcome is not None:
+            return succeed(self._outcome)
+        waiting: Deferred[IProtocol] = Deferred(
+            lambda _: self.transport.abortConnection()
+        )
+        self._waiters.append(waiting)
+        return waiting
+
+    def _settle(self, outcome: IProtocol | Failure) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiting in waiters:
+            waiting.callback(outcome)
+
+    # Inbound stages
+
+    def _readFrames(self) -> None:
+        while self._stage is _Stage.frames:
+            try:
+                frame = self._decoder.next()
+            except WireError as e:
+                self._machine.refuse(e.code, e.message)
+                return
+            if frame is None:
+                return
+            if type(frame) is self._lastFrame:
+                self._stage = _Stage.held
+                self._hold(self._decoder.remainder())
+            self._dispatch.get(type(frame), self._machine.unexpected)(frame)
+
+    def _hold(self, data: bytes) -> None:
+        if not data:
+            return
+        self._held.append(data)
+        self._heldSize += len(data)
+        if self._heldSize > MAX_HELD and not self._overflowing:
+            self._overflowing = True
+            self._updateReading()
+
+    # Effects, called by the machine
+
+    def sendFrame(self, frame: Frame) -> None:
+        self.transport.write(encodeFrame(frame))
+
+    def requestDecision(self, peer: PeerIdentity) -> None:
+        self.peer = peer
+        policy = self._factory.policy
+        self._resetTimer(self._factory.decisionTimeout)
+        decision = self._decision = policy.check(peer, self._source)
+
+        def trusted(_: object) -> None:
+            self._decision = None
+            self._machine.trusted()
+
+        def refused(failure: Failure) -> None:
+            if failure.check(CancelledError) and self._decision is None:
+                return
+            self._decision = None
+            if failure.check(Refusal):
+                refusal: Refusal = failure.value  # type: ignore[assignment]
+                self._machine.refuse(refusal.code, refusal.message)
+            else:
+                self._log.failure(
+                    "trust decision failed for {peer_name} {fingerprint}",
+                    failure,
+                    peer_name=peer.name,
+                    fingerprint=peer.fingerprint,
+                )
+                self._machine.refuse(
+                    ErrorCode.unavailable, EXPLANATIONS[ErrorCode.unavailable]
+                )
+
+        decision.addCallbacks(trusted, refused)
+
+    def cancelDecision(self) -> None:
+        decision, self._decision = self._decision, None
+        if decision is not None:
+            decision.cancel()
+
+    def connectApplication(self, peer: PeerIdentity) -> None:
+        if self._factory.isClient:
+            # The server may hold us for its whole decision time; wait longer
+            # than that, so that its answer ("pending") reaches us first.
+            self._resetTimer(self._factory.decisionTimeout + self._factory.timeout)
+        self.applicationConnected = True
+        self._factory.remember(self)
+        self._application.makeConnection(
+            AuthenticatedTransport(self.transport, self, peer)
+        )
+        self._settle(self._application)
+
+    def established(self) -> None:
+        self._cancelTimer()
+        self._factory.log.info(
+            "dwtrust: authenticated {peerRole} {peer_name} {fingerprint} at {source}",
+            event="dwtrust.authenticated",
+            peer_name=self.peer.name if self.peer else None,
+            fingerprint=self.peer.fingerprint if self.peer else None,
+            algorithm=self.peer.algorithm if self.peer else None,
+            peerRole="server" if self._factory.isClient else "client",
+            source=self._source,
+        )
+        self._overflowing = False
+        self._deliverHeld()
+
+    def _deliverHeld(self) -> None:
+        """
+        Hand the held bytes to the application, unless it has paused its
+        transport; once none are left, let TLS hand bytes to it directly.
+        """
+        while self._held and not self._applicationPaused:
+            held, self._held = b"".join(self._held), []
+            self._heldSize = 0
+            if not self.transport.disconnecting:
+                self._application.dataReceived(held)
+        if not self._held and self._stage is _Stage.held:
+            self._stage = _Stage.delivered
+            # From here on, TLS hands bytes straight to the application.
+            self.dataReceived = self._application.dataReceived  # type: ignore[method-assign]
+        self._updateReading()
+
+    # Reading from the peer stops while we hold too much, or while the
+    # application has paused its transport.
+
+    def _updateReading(self) -> None:
+        paused = self._overflowing or self._applicationPaused
+        if paused != self._readingPaused and self.connected:
+            self._readingPaused = paused
+            connection = _connection(self.transport)
+            if paused:
+                connection.pauseProducing()
+            else:
+                connection.resumeProducing()
+
+    def pauseApplication(self) -> None:
+        self._applicationPaused = True
+        self._updateReading()
+
+    def resumeApplication(self) -> None:
+        self._applicationPaused = False
+        if self._stage is _Stage.held:
+            self._deliverHeld()
+        else:
+            self._updateReading()
+
+    def fail(self, code: ErrorCode, message: str, send: bool, byPeer: bool) -> None:
+        self._cancelTimer()
+        self._stage = _Stage.discarded
+        self._held = []
+        self._failure = HandshakeFailed(code, message, byPeer)
+        self._factory.log.info(
+            "dwtrust: handshake with {peer_name} {fingerprint} at {source} failed"
+            " ({refusedBy}): {code}: {reason}",
+            event="dwtrust.refused",
+            code=code.value,
+            reason=message,
+            refusedBy="by the peer" if byPeer else "by us",
+            byPeer=byPeer,
+            peer_name=self.peer.name if self.peer else "(not yet identified)",
+            fingerprint=self.peer.fingerprint if self.peer else "",
+            source=self._source,
+        )
+        if not self._tlsDone:
+            self.transport.abortConnection()
+            return
+        if send:
+            self.sendFrame(Error(code.value, message))
+        self.transport.loseConnection()
+        # A peer that never answers our close_notify does not hold us.
+        self._timer = self._factory.clock.callLater(
+            CLOSE_GRACE, self.transport.abortConnection
+        )
+
+    # Timers
+
+    def _resetTimer(self, delay: float) -> None:
+        self._cancelTimer()
+        self._timer = self._factory.clock.callLater(delay, self._machine.timedOut)
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+class HandshakeFactory(Factory):
+    """
+    Wraps an application's factory: every connection runs the dwtrust
+    handshake before the application's protocol is connected.
+    """
+
+    protocol = HandshakeProtocol
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        applicationFactory: IProtocolFactory,
+        identity: Identity,
+        policy: ITrustPolicy,
+        isClient: bool,
+        clock: IReactorTime,
+        timeout: float,
+        decisionTimeout: float,
+        source: str | None = None,
+        randomBytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.applicationFactory = applicationFactory
+        self.identity = identity
+        self.policy = policy
+        self.isClient = isClient
+        self.clock = clock
+        self.timeout = timeout
+        self.decisionTimeout = decisionTimeout
+        self.randomBytes = randomBytes
+        self._source = source
+        self.sessions: dict[str, set[HandshakeProtocol]] = {}
+
+    def doStart(self) -> None:
+        self.applicationFactory.doStart()
+
+    def doStop(self) -> None:
+        self.applicationFactory.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> HandshakeProtocol | None:  # type: ignore[override]
+        application = self.applicationFactory.buildProtocol(addr)
+        if application is None:
+            return None
+        source = self._source or _describe(addr)
+        return HandshakeProtocol(self, application, source)
+
+    # Who is connected, for revocation.
+
+    def remember(self, protocol: HandshakeProtocol) -> None:
+        assert protocol.peer is not None
+        self.sessions.setdefault(protocol.peer.fingerprint, set()).add(protocol)
+
+    def forget(self, protocol: HandshakeProtocol) -> None:
+        if protocol.peer is None:
+            return
+        sessions = self.sessions.get(protocol.peer.fingerprint)
+        if sessions is not None:
+            sessions.discard(protocol)
+            if not sessions:
+                del self.sessions[protocol.peer.fingerprint]
+
+
+def _describe(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return f"unix:{name!r}" if name is not None else repr(address)
+
+
+def tlsFactory(
+    handshakeFactory: HandshakeFactory, creator: ConnectionCreator
+) -> TLSMemoryBIOFactory:
+    """
+    Put TLS under a L{HandshakeFactory}.
+    """
+    return TLSMemoryBIOFactory(
+        creator,
+        handshakeFactory.isClient,
+        handshakeFactory,
+        clock=handshakeFactory.clock,
+    )

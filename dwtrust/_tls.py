@@ -1,0 +1,212 @@
+"""
+The TLS settings: ECDHE only, with a self-signed certificate made in memory
+from the identity key.
+
+- TLS 1.2 at minimum; for TLS 1.2 only ECDHE suites with AEAD ciphers, and only
+  with the extended master secret (RFC 7627), without which the exporter value
+  is not a sound channel binding.
+- TLS 1.3 key exchange limited to elliptic-curve groups: the hybrid
+  X25519MLKEM768 first where OpenSSL has it, then X25519, P-256 and P-384.  A
+  peer offering only finite-field groups fails the handshake.
+- No session resumption (no tickets, no session cache) and no renegotiation:
+  every connection presents its certificate and runs a full key exchange.
+- Certificates are not checked against any authority.  They carry the key that
+  the dwtrust proof must then be made with; the proof, bound to the exporter
+  value, is what authenticates the peer.
+
+Two settings have no public pyOpenSSL API; each is one small function here,
+tested in C{tests/test_tls.py} so that a pyOpenSSL release that breaks it fails
+loudly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+
+from attrs import frozen
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from ._identity import Identity, IdentityError, PublicKey
+from ._wire import EXPORTER_LABEL, EXPORTER_SIZE, ErrorCode, WireError
+
+#: Key-exchange groups, most preferred first.
+PREFERRED_GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
+#: TLS 1.2 suites: ECDHE key exchange and an AEAD cipher, nothing else.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+class TLSConfigurationError(Exception):
+    """
+    OpenSSL refused a setting dwtrust depends on.
+    """
+
+
+def setGroups(context: SSL.Context, groups: tuple[str, ...]) -> tuple[str, ...]:
+    """
+    Limit the key-exchange groups of C{context} to C{groups}, dropping any this
+    OpenSSL build does not know.
+
+    pyOpenSSL has no public API for a group list (only C{set_tmp_ecdh}, which
+    sets one curve), so this calls OpenSSL's C{SSL_CTX_set1_curves_list}
+    through pyOpenSSL's private binding.
+
+    @return: the groups that were set.
+    @raise TLSConfigurationError: if none of them could be set.
+    """
+    from OpenSSL._util import lib  # private: see the docstring
+
+    available = tuple(
+        g for g in groups if lib.SSL_CTX_set1_curves_list(context._context, g.encode())
+    )
+    if not available or not lib.SSL_CTX_set1_curves_list(
+        context._context, ":".join(available).encode()
+    ):
+        raise TLSConfigurationError(f"OpenSSL accepts none of the groups {groups}")
+    return available
+
+
+def usedExtendedMasterSecret(connection: SSL.Connection) -> bool:
+    """
+    Whether this TLS 1.2 connection negotiated the extended master secret.
+
+    pyOpenSSL has no public API for it, so this calls OpenSSL's
+    C{SSL_get_extms_support} through pyOpenSSL's private binding.
+    """
+    from OpenSSL._util import lib  # private: see the docstring
+
+    return bool(lib.SSL_get_extms_support(connection._ssl) == 1)
+
+
+def makeCertificate(identity: Identity) -> x509.Certificate:
+    """
+    A self-signed certificate for C{identity}'s key, made in memory.  Nothing
+    checks its names or dates; it carries the key.
+    """
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.org),
+            x509.NameAttribute(NameOID.COMMON_NAME, identity.service),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    algorithm = (
+        None
+        if isinstance(identity.privateKey, ed25519.Ed25519PrivateKey)
+        else hashes.SHA256()
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.privateKey.public_key())
+        .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(identity.privateKey, algorithm)
+    )
+
+
+def _acceptAnyCertificate(
+    connection: SSL.Connection, certificate: object, errno: int, depth: int, ok: int
+) -> bool:
+    # The certificate is not what authenticates the peer: the dwtrust proof,
+    # made with the certificate's key and bound to this connection, is.
+    return True
+
+
+def makeContext(identity: Identity) -> SSL.Context:
+    """
+    An OpenSSL context for either role, configured as the module describes.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(TLS12_CIPHERS)
+    setGroups(context, PREFERRED_GROUPS)
+    context.set_options(
+        SSL.OP_NO_TICKET
+        | SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+    )
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.use_certificate(makeCertificate(identity))
+    context.use_privatekey(identity.privateKey)
+    context.check_privatekey()
+    context.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _acceptAnyCertificate
+    )
+    return context
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLClientConnectionCreator)
+class ConnectionCreator:
+    """
+    Makes OpenSSL connections for L{TLSMemoryBIOProtocol}, from one context
+    built once per identity.
+    """
+
+    def __init__(self, identity: Identity) -> None:
+        self._context = makeContext(identity)
+
+    def serverConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def clientConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+@frozen
+class Channel:
+    """
+    What the handshake takes from the finished TLS layer.
+
+    @ivar exporter: the RFC 9266 C{tls-exporter} value of this connection.
+    @ivar peerKey: the key in the peer's certificate.
+    @ivar version: the TLS version, such as C{"TLSv1.3"}.
+    """
+
+    exporter: bytes
+    peerKey: PublicKey
+    version: str
+
+
+def channelOf(connection: SSL.Connection) -> Channel:
+    """
+    Read the channel binding and the peer's certificate key from a connection
+    whose TLS handshake has finished.
+
+    @raise WireError: if the connection cannot be bound (TLS 1.2 without the
+        extended master secret) or the certificate's key is not acceptable.
+    """
+    version = connection.get_protocol_version_name()
+    if version != "TLSv1.3" and not usedExtendedMasterSecret(connection):
+        raise WireError(
+            ErrorCode.protocol_error,
+            f"{version} without the extended master secret cannot be bound",
+        )
+    certificate = connection.get_peer_certificate(as_cryptography=True)
+    if certificate is None:
+        raise WireError(ErrorCode.protocol_error, "the peer sent no certificate")
+    try:
+        peerKey = PublicKey.fromKey(certificate.public_key())  # type: ignore[arg-type]
+    except IdentityError as e:
+        raise WireError(
+            ErrorCode.bad_signature, f"the certificate key is not acceptable: {e}"
+        ) from None
+    exporter = connection.export_keying_material(EXPORTER_LABEL, EXPORTER_SIZE, b"")
+    return Channel(exporter, peerKey, version)

@@ -1,0 +1,198 @@
+"""
+Wrapping factories and endpoints: the few lines a Twisted program needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from ._identity import Identity
+from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
+from ._protocol import HandshakeFactory, HandshakeProtocol, tlsFactory
+from ._tls import ConnectionCreator
+from .approval import IApprover, approverFromName
+from .store import SQLiteStore
+
+#: Seconds from TCP connect to the end of the handshake, approval aside.
+DEFAULT_TIMEOUT = 10.0
+#: Seconds a connection waits for a trust decision.
+DEFAULT_DECISION_TIMEOUT = 30.0
+#: The store's file name inside an identity directory.
+STORE_FILE = "trust.sqlite3"
+
+
+@define
+class Authenticator:
+    """
+    Everything one side needs to authenticate connections: its identity, and
+    the policies for the peers that connect to it (C{inbound}) and for the
+    servers it dials (C{outbound}).
+
+    @ivar clock: schedules time-outs; the reactor, or a fake clock in tests.
+    @ivar timeout: seconds allowed from connect to the end of the handshake.
+    @ivar decisionTimeout: seconds a connection may wait for a decision.
+    """
+
+    identity: Identity
+    inbound: ITrustPolicy | None
+    outbound: ITrustPolicy | None
+    clock: IReactorTime
+    timeout: float = DEFAULT_TIMEOUT
+    decisionTimeout: float = DEFAULT_DECISION_TIMEOUT
+    _creator: ConnectionCreator = field(init=False)
+    _servers: list[HandshakeFactory] = field(init=False, factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self._creator = ConnectionCreator(self.identity)
+
+    def _handshakeFactory(
+        self,
+        applicationFactory: IProtocolFactory,
+        policy: ITrustPolicy | None,
+        isClient: bool,
+        source: str | None = None,
+    ) -> HandshakeFactory:
+        if policy is None:
+            role = "dial servers" if isClient else "accept clients"
+            raise ValueError(f"this Authenticator has no policy to {role} with")
+        return HandshakeFactory(
+            applicationFactory,
+            self.identity,
+            policy,
+            isClient,
+            self.clock,
+            self.timeout,
+            self.decisionTimeout,
+            source,
+        )
+
+    def wrapServerFactory(
+        self, applicationFactory: IProtocolFactory
+    ) -> IProtocolFactory:
+        """
+        Wrap a server factory: each connection gets TLS and the handshake, and
+        the application protocol is connected only once the client is
+        authenticated and trusted.
+        """
+        handshakes = self._handshakeFactory(applicationFactory, self.inbound, False)
+        self._servers.append(handshakes)
+        return tlsFactory(handshakes, self._creator)
+
+    def wrapClientFactory(
+        self, applicationFactory: IProtocolFactory, address: str
+    ) -> IProtocolFactory:
+        """
+        Wrap a client factory for a connection to C{address} (the name the
+        server's key is pinned under, such as C{"ledger.example:8443"}).
+        """
+        handshakes = self._handshakeFactory(
+            applicationFactory, self.outbound, True, address
+        )
+        return tlsFactory(handshakes, self._creator)
+
+    def serverEndpoint(self, inner: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        """
+        An endpoint that listens on C{inner} with dwtrust.
+        """
+        return ServerEndpoint(self, inner)
+
+    def clientEndpoint(
+        self, inner: IStreamClientEndpoint, address: str
+    ) -> IStreamClientEndpoint:
+        """
+        An endpoint that dials C{inner} with dwtrust; C{address} names the
+        server for pinning.
+        """
+        return ClientEndpoint(self, inner, address)
+
+    def sessionsOf(self, fingerprint: str) -> list[HandshakeProtocol]:
+        """
+        The open, authenticated server-side connections of a peer key.
+        """
+        return [p for f in self._servers for p in f.sessions.get(fingerprint, ())]
+
+
+@implementer(IStreamServerEndpoint)
+class ServerEndpoint:
+    def __init__(self, authenticator: Authenticator, inner: IStreamServerEndpoint):
+        self._authenticator = authenticator
+        self._inner = inner
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self._inner.listen(
+            self._authenticator.wrapServerFactory(protocolFactory)
+        )
+
+
+@implementer(IStreamClientEndpoint)
+class ClientEndpoint:
+    """
+    Connects with dwtrust.  C{connect} fires with the application protocol once
+    the server has proved its identity and passed the pinning check, or fails
+    with L{HandshakeFailed}.
+    """
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        inner: IStreamClientEndpoint,
+        address: str,
+    ) -> None:
+        self._authenticator = authenticator
+        self._inner = inner
+        self._address = address
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        wrapped = self._authenticator.wrapClientFactory(protocolFactory, self._address)
+        connecting = self._inner.connect(wrapped)
+
+        def tcpConnected(tls: Any) -> Deferred[IProtocol]:
+            handshake: HandshakeProtocol = tls.wrappedProtocol
+            return handshake.whenConnected()
+
+        return connecting.addCallback(tcpConnected)
+
+
+def openAuthenticator(
+    clock: IReactorTime,
+    identity: Identity,
+    store: FilePath[str],
+    approver: IApprover | str = "known-only",
+    strict: bool = False,
+    expectedServer: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    decisionTimeout: float = DEFAULT_DECISION_TIMEOUT,
+) -> Deferred[Authenticator]:
+    """
+    An L{Authenticator} over the SQLite store at C{store}, for both roles.
+
+    @param approver: an L{IApprover}, or the name of a built-in one.
+    @param strict: refuse servers with no pin, rather than pinning them.
+    @param expectedServer: if given, the C{org/service} servers must be.
+    """
+    chosen = approverFromName(approver) if isinstance(approver, str) else approver
+
+    def opened(trustStore: SQLiteStore) -> Authenticator:
+        return Authenticator(
+            identity,
+            ApprovalPolicy(trustStore, chosen, identity.name),
+            PinningPolicy(trustStore, strict, expectedServer),
+            clock,
+            timeout,
+            decisionTimeout,
+        )
+
+    return SQLiteStore.open(store).addCallback(opened)

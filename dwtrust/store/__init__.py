@@ -1,0 +1,17 @@
+"""
+Trust stores: what a service knows about its peers' keys.
+"""
+
+from ._interface import IKnownServices, ITrustStore, KeyRecord, KeyState, Pin
+from ._sqlite import SCHEMA_VERSION, SQLiteStore, StoreError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "IKnownServices",
+    "ITrustStore",
+    "KeyRecord",
+    "KeyState",
+    "Pin",
+    "SQLiteStore",
+    "StoreError",
+]

@@ -1,0 +1,146 @@
+"""
+The trust store's contract: what a service knows about the keys of its peers,
+and (on the client side) which key each server it has dialled had.
+
+Every method returns a L{Deferred}; no implementation may block the reactor
+thread.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from .._identity import PeerIdentity
+
+
+class KeyState(enum.Enum):
+    """
+    Where a peer key stands.
+    """
+
+    pending = "pending"
+    approved = "approved"
+    denied = "denied"
+    revoked = "revoked"
+    blocked = "blocked"
+
+
+@frozen
+class KeyRecord:
+    """
+    What the store holds about one peer key.
+
+    @ivar fingerprint: C{SHA256:...} of C{publicKey}; the record's key.
+    @ivar publicKey: the key in OpenSSH wire format.
+    @ivar firstSeen: POSIX time of the first attempt with this key.
+    @ivar lastSeen: POSIX time of the latest attempt.
+    @ivar attempts: how many connections presented this key.
+    @ivar source: the address of the latest attempt.
+    @ivar decidedBy: who made the current decision (an approver or owner).
+    """
+
+    fingerprint: str
+    org: str
+    service: str
+    algorithm: str
+    publicKey: bytes
+    state: KeyState
+    firstSeen: float
+    lastSeen: float
+    attempts: int
+    source: str
+    decidedBy: str
+
+
+@frozen
+class Pin:
+    """
+    The key a server had the first time we dialled its address.
+    """
+
+    address: str
+    org: str
+    service: str
+    algorithm: str
+    publicKey: bytes
+    fingerprint: str
+    firstSeen: float
+
+    @classmethod
+    def of(cls, address: str, peer: PeerIdentity, now: float) -> Pin:
+        """
+        The pin for C{peer}'s key at C{address}, made at C{now}.
+        """
+        return cls(
+            address,
+            peer.org,
+            peer.service,
+            peer.algorithm,
+            peer.publicKey.blob,
+            peer.fingerprint,
+            now,
+        )
+
+
+class ITrustStore(Interface):
+    """
+    The keys of the peers that connect to a service, and their states.
+    """
+
+    def lookup(fingerprint: str) -> Deferred[KeyRecord | None]:
+        """
+        The record for a key, or L{None} if this key was never recorded.
+        """
+
+    def keysFor(org: str, service: str) -> Deferred[list[KeyRecord]]:
+        """
+        Every record for keys that claimed C{org}/C{service}.
+        """
+
+    def record(
+        peer: PeerIdentity, state: KeyState, source: str, decidedBy: str
+    ) -> Deferred[KeyRecord]:
+        """
+        Store a decision about C{peer}'s key, creating its record if need be.
+        """
+
+    def seen(fingerprint: str, source: str) -> Deferred[None]:
+        """
+        Count one more connection attempt with a recorded key.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Release the store's resources.
+        """
+
+
+class IKnownServices(Interface):
+    """
+    A client's pins: the server key first seen at each address it dialled,
+    as ssh's C{known_hosts}.
+    """
+
+    def pinned(address: str) -> Deferred[Pin | None]:
+        """
+        The pin for C{address}, if there is one.
+        """
+
+    def pinnedService(org: str, service: str) -> Deferred[list[Pin]]:
+        """
+        Every pin whose server claimed C{org}/C{service}.
+        """
+
+    def pin(address: str, peer: PeerIdentity) -> Deferred[Pin]:
+        """
+        Remember C{peer}'s key for C{address}.
+        """
+
+    def unpin(address: str) -> Deferred[bool]:
+        """
+        Forget the pin for C{address}; fire with whether there was one.
+        """

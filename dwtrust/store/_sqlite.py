@@ -1,0 +1,352 @@
+"""
+The embedded trust store: one SQLite file, reached through
+L{twisted.enterprise.adbapi} so that no query runs on the reactor thread.
+
+The schema carries its version in C{PRAGMA user_version} and is migrated
+forward, one step at a time, when the store opens.  The journal is in WAL mode
+with C{synchronous=FULL}: a committed decision survives the process being
+killed at any moment.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from .._identity import PeerIdentity
+from ._interface import IKnownServices, ITrustStore, KeyRecord, KeyState, Pin
+
+#: Each entry takes the schema from its index to the next version.
+MIGRATIONS: Sequence[str] = [
+    """
+    CREATE TABLE peers (
+        fingerprint TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'revoked', 'blocked')),
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        source TEXT NOT NULL,
+        decided_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX peers_by_service ON peers (org, service);
+    CREATE TABLE known_services (
+        address TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        fingerprint TEXT NOT NULL,
+        first_seen REAL NOT NULL
+    );
+    CREATE INDEX known_services_by_service ON known_services (org, service);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_PEER_COLUMNS = (
+    "fingerprint, org, service, algorithm, public_key, state, first_seen,"
+    " last_seen, attempts, source, decided_by"
+)
+_PIN_COLUMNS = "address, org, service, algorithm, public_key, fingerprint, first_seen"
+
+
+class StoreError(Exception):
+    """
+    The store cannot be opened or used: the message says why.
+    """
+
+
+def _configure(connection: sqlite3.Connection) -> None:
+    """
+    Set up a connection: WAL journal, full syncs, and waiting (not failing)
+    while another process holds a lock.  Runs in a thread, never on the
+    reactor.
+    """
+    connection.execute("PRAGMA busy_timeout = 5000")
+    # Switching a new file to WAL needs it to ourselves, and SQLite reports a
+    # concurrent opener as "locked" at once rather than through the busy
+    # timeout, so retry for a while.
+    for attempt in range(100):
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 99:
+                raise
+            time.sleep(0.05)
+    connection.execute("PRAGMA synchronous = FULL")
+
+
+def _refuseNewer(connection: sqlite3.Connection) -> None:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the trust store has schema version {version}, newer than"
+            f" this dwtrust's {SCHEMA_VERSION}; upgrade dwtrust"
+        )
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """
+    Bring the schema up to L{SCHEMA_VERSION}, one step per transaction, so
+    that several processes opening the same file at once migrate it once.
+
+    @param connection: a connection in autocommit mode
+        (C{isolation_level=None}).
+    @return: the version it was at.
+    @raise StoreError: if the file has a newer schema than this code knows.
+    """
+    (start,) = connection.execute("PRAGMA user_version").fetchone()
+    for step in range(SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            _refuseNewer(connection)
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            if version == step:
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {step + 1}")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    return int(start)
+
+
+def migrateFile(path: str) -> int:
+    """
+    Open the SQLite file at C{path} (creating it) and L{migrate} it.  Blocks:
+    run it in a thread.
+    """
+    try:
+        connection = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open the trust store {path}: {e}") from None
+    try:
+        # Refuse a newer schema before anything (even the switch to WAL mode)
+        # writes to the file.
+        _refuseNewer(connection)
+        _configure(connection)
+        return migrate(connection)
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"cannot use the trust store {path}: {e}") from None
+    finally:
+        connection.close()
+
+
+def _pool(path: FilePath[str]) -> adbapi.ConnectionPool:
+    # One connection: SQLite serialises writers anyway, and one thread keeps
+    # the order of operations the order they were asked in.
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path.path,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_configure,
+        cp_noisy=False,
+    )
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    values = list(row)
+    values[5] = KeyState(values[5])
+    return KeyRecord(*values)
+
+
+@implementer(ITrustStore, IKnownServices)
+class SQLiteStore:
+    """
+    The trust store and the client's pins, in one SQLite file.
+    """
+
+    def __init__(
+        self, pool: adbapi.ConnectionPool, now: Callable[[], float] = time.time
+    ) -> None:
+        self._pool = pool
+        self._now = now
+
+    @classmethod
+    def fromPath(
+        cls, path: FilePath[str], now: Callable[[], float] = time.time
+    ) -> SQLiteStore:
+        """
+        Open the store at C{path} at once.  This blocks while it migrates the
+        file: call it only before the reactor runs (as C{twistd}'s
+        C{makeService} does), and L{open} otherwise.
+
+        @raise StoreError: if the file cannot be used.
+        """
+        migrateFile(path.path)
+        return cls(_pool(path), now)
+
+    @classmethod
+    def open(
+        cls, path: FilePath[str], now: Callable[[], float] = time.time
+    ) -> Deferred[SQLiteStore]:
+        """
+        Open (creating and migrating as needed) the store at C{path}.
+        """
+
+        def migrated(_: object) -> SQLiteStore:
+            return cls(_pool(path), now)
+
+        opening: Deferred[int] = threads.deferToThread(migrateFile, path.path)
+        return opening.addCallback(migrated)
+
+    def close(self) -> Deferred[None]:
+        self._pool.close()
+        return succeed(None)
+
+    def _one(
+        self, sql: str, parameters: tuple[Any, ...], convert: Callable[[Any], Any]
+    ) -> Deferred[Any]:
+        """
+        Run a query in the pool's thread; fire with its first row converted,
+        or L{None} if it has none.
+        """
+
+        def query(cursor: Any) -> Any:
+            cursor.execute(sql, parameters)
+            row = cursor.fetchone()
+            return None if row is None else convert(row)
+
+        result: Deferred[Any] = self._pool.runInteraction(query)
+        return result
+
+    def _all(
+        self, sql: str, parameters: tuple[Any, ...], convert: Callable[[Any], Any]
+    ) -> Deferred[list[Any]]:
+        """
+        Run a query in the pool's thread; fire with all its rows converted.
+        """
+
+        def query(cursor: Any) -> list[Any]:
+            cursor.execute(sql, parameters)
+            return [convert(row) for row in cursor.fetchall()]
+
+        result: Deferred[list[Any]] = self._pool.runInteraction(query)
+        return result
+
+    # ITrustStore
+
+    def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        return self._one(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
+            (fingerprint,),
+            _record,
+        )
+
+    def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
+        return self._all(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE org = ? AND service = ?"
+            " ORDER BY first_seen",
+            (org, service),
+            _record,
+        )
+
+    def record(
+        self, peer: PeerIdentity, state: KeyState, source: str, decidedBy: str
+    ) -> Deferred[KeyRecord]:
+        now = self._now()
+
+        def upsert(cursor: Any) -> KeyRecord:
+            cursor.execute(
+                f"INSERT INTO peers ({_PEER_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
+                " last_seen = excluded.last_seen, source = excluded.source,"
+                " decided_by = excluded.decided_by",
+                (
+                    peer.fingerprint,
+                    peer.org,
+                    peer.service,
+                    peer.algorithm,
+                    peer.publicKey.blob,
+                    state.value,
+                    now,
+                    now,
+                    source,
+                    decidedBy,
+                ),
+            )
+            cursor.execute(
+                f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
+                (peer.fingerprint,),
+            )
+            return _record(cursor.fetchone())
+
+        result: Deferred[Any] = self._pool.runInteraction(upsert)
+
+        return result
+
+    def seen(self, fingerprint: str, source: str) -> Deferred[None]:
+        result: Deferred[Any] = self._pool.runOperation(
+            "UPDATE peers SET attempts = attempts + 1, last_seen = ?, source = ?"
+            " WHERE fingerprint = ?",
+            (self._now(), source, fingerprint),
+        )
+        return result
+
+    # IKnownServices
+
+    def pinned(self, address: str) -> Deferred[Pin | None]:
+        return self._one(
+            f"SELECT {_PIN_COLUMNS} FROM known_services WHERE address = ?",
+            (address,),
+            lambda row: Pin(*row),
+        )
+
+    def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
+        return self._all(
+            f"SELECT {_PIN_COLUMNS} FROM known_services"
+            " WHERE org = ? AND service = ? ORDER BY first_seen",
+            (org, service),
+            lambda row: Pin(*row),
+        )
+
+    def pin(self, address: str, peer: PeerIdentity) -> Deferred[Pin]:
+        pin = Pin.of(address, peer, self._now())
+
+        def insert(cursor: Any) -> Pin:
+            cursor.execute(
+                f"INSERT OR REPLACE INTO known_services ({_PIN_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    pin.address,
+                    pin.org,
+                    pin.service,
+                    pin.algorithm,
+                    pin.publicKey,
+                    pin.fingerprint,
+                    pin.firstSeen,
+                ),
+            )
+            return pin
+
+        result: Deferred[Any] = self._pool.runInteraction(insert)
+
+        return result
+
+    def unpin(self, address: str) -> Deferred[bool]:
+        def delete(cursor: Any) -> bool:
+            cursor.execute("DELETE FROM known_services WHERE address = ?", (address,))
+            return bool(cursor.rowcount)
+
+        result: Deferred[Any] = self._pool.runInteraction(delete)
+
+        return result
