@@ -12,15 +12,20 @@ its identity — go on, or refuse with which code?
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from ._identity import PeerIdentity
+from ._decision import DecisionError, SignedDecision, Signers
+from ._identity import Identity, PeerIdentity
 from ._machine import Refusal
 from ._wire import ErrorCode
-from .approval import ApprovalRequest, IApprover
-from .store import IKnownServices, ITrustStore, KeyState
+from .approval import ApprovalRequest, Decision, IApprover
+from .control import ControlBus, ControlMessage
+from .store import IKnownServices, ITrustStore, KeyRecord, KeyState
 
 _REFUSED_STATES = {
     KeyState.denied: ErrorCode.denied,
@@ -49,48 +54,103 @@ class ApprovalPolicy:
     """
     A service's policy for the clients that connect to it.
 
-    @ivar serviceName: the C{org/service} of the service, for requests.
+    Every stored decision is checked against C{signers} (the owners, and the
+    service itself) before it counts: a row that says C{approved} without a
+    valid signature is treated as unknown, and reported.  Decisions of
+    approvers other than the owners are signed with the service's own key.
+
+    @ivar identity: the service's identity.
+    @ivar signers: the keys trusted to sign decisions.
+    @ivar bus: where control messages go, if anywhere.
     """
 
     log = Logger()
 
     def __init__(
-        self, store: ITrustStore, approver: IApprover, serviceName: str
+        self,
+        store: ITrustStore,
+        approver: IApprover,
+        identity: Identity,
+        signers: Signers | None = None,
+        bus: ControlBus | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.approver = approver
-        self.serviceName = serviceName
+        self.identity = identity
+        self.signers = signers if signers is not None else Signers()
+        self.signers.add(identity.publicKey)
+        self.bus = bus
+        self._now = now
+
+    @property
+    def serviceName(self) -> str:
+        return self.identity.name
 
     def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._check(peer, source))
 
+    def verified(self, record: KeyRecord) -> SignedDecision | None:
+        """
+        The signed decision behind C{record}, if it verifies and matches the
+        record; L{None} (and a warning) otherwise.
+        """
+        try:
+            decision = SignedDecision.decode(record.decision)
+            self.signers.verify(decision, self.serviceName)
+            if (decision.fingerprint, decision.state) != (
+                record.fingerprint,
+                record.state.value,
+            ):
+                raise DecisionError("the decision does not match the stored record")
+        except DecisionError as e:
+            self.log.warn(
+                "dwtrust: REFUSED a stored decision: {fingerprint} is {state} in"
+                " the store, but {error}",
+                event="dwtrust.forged_decision",
+                fingerprint=record.fingerprint,
+                state=record.state.value,
+                error=str(e),
+            )
+            self._publish(
+                ControlMessage.about(
+                    "forged_decision",
+                    self.serviceName,
+                    record,
+                    state=record.state.value,
+                    reason=f"the store says {record.state.value}, but {e}",
+                )
+            )
+            return None
+        return decision
+
+    def _publish(self, message: ControlMessage) -> None:
+        if self.bus is not None:
+            self.bus.publish(message)
+
     async def _check(self, peer: PeerIdentity, source: str) -> None:
         record = await self.store.lookup(peer.fingerprint)
-        if record is not None:
+        if record is not None and record.state is not KeyState.pending:
             await self.store.seen(peer.fingerprint, source)
-            if record.state is KeyState.approved:
+            stored = self.verified(record)
+            if record.state is not KeyState.approved:
+                # A refusal stands even unsigned: failing closed is safe.
+                code = _REFUSED_STATES[record.state]
+                raise Refusal(code, f"this key is {record.state.value}")
+            if stored is not None:
                 return
-            code = _REFUSED_STATES[record.state]
-            raise Refusal(code, f"this key is {record.state.value}")
+            # An approval nobody signed counts for nothing: ask afresh.
         for other in await self.store.keysFor(peer.org, peer.service):
-            if other.state is KeyState.approved:
-                self.log.warn(
-                    "dwtrust: IDENTITY CHANGED: {peer_name} presented"
-                    " {fingerprint} from {source}, but its approved key is"
-                    " {known}",
-                    event="dwtrust.identity_changed",
-                    peer_name=peer.name,
-                    fingerprint=peer.fingerprint,
-                    known=other.fingerprint,
-                    source=source,
-                )
-                raise Refusal(
-                    ErrorCode.identity_changed,
-                    f"{peer.name} is known with another key",
-                )
+            if (
+                other.fingerprint != peer.fingerprint
+                and other.state is KeyState.approved
+                and self.verified(other) is not None
+            ):
+                self._identityChanged(peer, source, other)
+        # An approver that abstains (fires with None) refuses, storing nothing.
         decision = await self.approver.requestApproval(
             ApprovalRequest(peer, source, self.serviceName)
-        )
+        ) or Decision(False, "no approver decided", "policy", remember=False)
         self.log.info(
             "dwtrust: {decided} {peer_name} {fingerprint} from {source}"
             " ({decided_by}: {reason})",
@@ -104,9 +164,50 @@ class ApprovalPolicy:
         )
         if decision.remember:
             state = KeyState.approved if decision.approved else KeyState.denied
-            await self.store.record(peer, state, source, decision.decidedBy)
+            signed = SignedDecision.make(
+                self.identity,
+                self.serviceName,
+                peer,
+                state.value,
+                self._now(),
+                f"{decision.decidedBy}: {decision.reason}",
+            )
+            await self.store.record(
+                peer, state, source, decision.decidedBy, signed.encode()
+            )
         if not decision.approved:
             raise Refusal(ErrorCode.denied, decision.reason)
+
+    def _identityChanged(
+        self, peer: PeerIdentity, source: str, known: KeyRecord
+    ) -> None:
+        self.log.warn(
+            "dwtrust: IDENTITY CHANGED: {peer_name} presented"
+            " {fingerprint} from {source}, but its approved key is"
+            " {known}",
+            event="dwtrust.identity_changed",
+            peer_name=peer.name,
+            fingerprint=peer.fingerprint,
+            known=known.fingerprint,
+            source=source,
+        )
+        self._publish(
+            ControlMessage.about(
+                "identity_changed",
+                self.serviceName,
+                peer,
+                source=source,
+                knownKeys=(known.fingerprint,),
+                reason=(
+                    f"{peer.name} presented a new key; its approved key is"
+                    f" {known.fingerprint}"
+                ),
+            )
+        )
+        raise Refusal(
+            ErrorCode.identity_changed,
+            f"{peer.name} is known with another key",
+        )
 
 
 @implementer(ITrustPolicy)

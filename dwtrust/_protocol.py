@@ -99,6 +99,15 @@ class IAuthenticatedTransport(ITransport):
 
     peer = Attribute("The L{PeerIdentity} of the other end.")
 
+    def whenTrusted() -> Deferred[None]:
+        """
+        Fires once both ends trust each other.  A server's application is
+        connected only then, so for it this has fired already; a client's is
+        connected as soon as the server has proved itself, and this fires when
+        the server accepts the client, or fails with L{HandshakeFailed} if it
+        refuses.
+        """
+
 
 def _connection(tls: TLSMemoryBIOProtocol) -> IPushProducer:
     """
@@ -155,6 +164,9 @@ class AuthenticatedTransport:
     def stopProducing(self) -> None:
         _connection(self._tls).stopProducing()
 
+    def whenTrusted(self) -> Deferred[None]:
+        return self._handshake.whenTrusted()
+
     def __repr__(self) -> str:
         return f"<AuthenticatedTransport peer={self.peer.name} {self.peer.fingerprint}>"
 
@@ -194,6 +206,10 @@ class HandshakeProtocol(Protocol):
         self.applicationConnected = False
         self._outcome: IProtocol | Failure | None = None
         self._waiters: list[Deferred[IProtocol]] = []
+        self._closed = False
+        self._closeWaiters: list[Deferred[None]] = []
+        self._trusted = False
+        self._trustWaiters: list[Deferred[None]] = []
         core = Core(factory.identity, self, factory.randomBytes)
         self._core = core
         self._machine: Handshake
@@ -259,6 +275,20 @@ class HandshakeProtocol(Protocol):
             self._application.connectionLost(failure)
         else:
             self._settle(failure)
+        self._closed = True
+        closeWaiters, self._closeWaiters = self._closeWaiters, []
+        for waiting in closeWaiters:
+            waiting.callback(None)
+
+    def whenClosed(self) -> Deferred[None]:
+        """
+        Fires once the connection is gone (and the application told).
+        """
+        if self._closed:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._closeWaiters.append(waiting)
+        return waiting
 
     def whenConnected(self) -> Deferred[IProtocol]:
         """
@@ -358,8 +388,24 @@ class HandshakeProtocol(Protocol):
         )
         self._settle(self._application)
 
+    def whenTrusted(self) -> Deferred[None]:
+        """
+        Fires once the handshake is over on both sides; fails with why not.
+        """
+        if self._trusted:
+            return succeed(None)
+        if self._failure is not None:
+            return fail(self._failure)
+        waiting: Deferred[None] = Deferred()
+        self._trustWaiters.append(waiting)
+        return waiting
+
     def established(self) -> None:
         self._cancelTimer()
+        self._trusted = True
+        trustWaiters, self._trustWaiters = self._trustWaiters, []
+        for waiting in trustWaiters:
+            waiting.callback(None)
         self._factory.log.info(
             "dwtrust: authenticated {peerRole} {peer_name} {fingerprint} at {source}",
             event="dwtrust.authenticated",
@@ -417,16 +463,24 @@ class HandshakeProtocol(Protocol):
         self._stage = _Stage.discarded
         self._held = []
         self._failure = HandshakeFailed(code, message, byPeer)
+        trustWaiters, self._trustWaiters = self._trustWaiters, []
+        for waiting in trustWaiters:
+            waiting.errback(Failure(self._failure))
         self._factory.log.info(
-            "dwtrust: handshake with {peer_name} {fingerprint} at {source} failed"
+            "dwtrust: handshake with {peer} at {source} failed"
             " ({refusedBy}): {code}: {reason}",
             event="dwtrust.refused",
             code=code.value,
             reason=message,
             refusedBy="by the peer" if byPeer else "by us",
             byPeer=byPeer,
-            peer_name=self.peer.name if self.peer else "(not yet identified)",
-            fingerprint=self.peer.fingerprint if self.peer else "",
+            peer=(
+                f"{self.peer.name} {self.peer.fingerprint}"
+                if self.peer
+                else "a peer not yet identified"
+            ),
+            peer_name=self.peer.name if self.peer else None,
+            fingerprint=self.peer.fingerprint if self.peer else None,
             source=self._source,
         )
         if not self._tlsDone:

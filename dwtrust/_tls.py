@@ -8,7 +8,9 @@ from the identity key.
 - TLS 1.3 key exchange limited to elliptic-curve groups: the hybrid
   X25519MLKEM768 first where OpenSSL has it, then X25519, P-256 and P-384.  A
   peer offering only finite-field groups fails the handshake.
-- No session resumption (no tickets, no session cache) and no renegotiation:
+- No session resumption (no stateless tickets, no session cache; the TLS 1.3
+  tickets OpenSSL still sends name sessions nothing keeps) and no
+  renegotiation:
   every connection presents its certificate and runs a full key exchange.
 - Certificates are not checked against any authority.  They carry the key that
   the dwtrust proof must then be made with; the proof, bound to the exporter

@@ -4,10 +4,11 @@ Wrapping factories and endpoints: the few lines a Twisted program needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
@@ -54,6 +55,7 @@ class Authenticator:
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT
     _creator: ConnectionCreator = field(init=False)
     _servers: list[HandshakeFactory] = field(init=False, factory=list)
+    _closers: list[Callable[[], Deferred[None]]] = field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         self._creator = ConnectionCreator(self.identity)
@@ -118,6 +120,20 @@ class Authenticator:
         """
         return ClientEndpoint(self, inner, address)
 
+    def closeWith(self, closer: Callable[[], Deferred[None]]) -> None:
+        """
+        Have L{close} call C{closer} (to close a store, say).
+        """
+        self._closers.append(closer)
+
+    def close(self) -> Deferred[None]:
+        """
+        Release what this authenticator holds (the stores
+        L{openAuthenticator} opened).  Connections are not affected.
+        """
+        closers, self._closers = self._closers, []
+        return gatherResults([c() for c in closers]).addCallback(lambda _: None)
+
     def sessionsOf(self, fingerprint: str) -> list[HandshakeProtocol]:
         """
         The open, authenticated server-side connections of a peer key.
@@ -156,12 +172,24 @@ class ClientEndpoint:
         self._address = address
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting = self.connectHandshake(protocolFactory)
+        return connecting.addCallback(lambda connected: connected[0])
+
+    def connectHandshake(
+        self, protocolFactory: IProtocolFactory
+    ) -> Deferred[tuple[IProtocol, HandshakeProtocol]]:
+        """
+        Like C{connect}, but fire with the handshake protocol too, whose
+        C{whenClosed} tells when the connection ends.
+        """
         wrapped = self._authenticator.wrapClientFactory(protocolFactory, self._address)
         connecting = self._inner.connect(wrapped)
 
-        def tcpConnected(tls: Any) -> Deferred[IProtocol]:
+        def tcpConnected(tls: Any) -> Deferred[tuple[IProtocol, HandshakeProtocol]]:
             handshake: HandshakeProtocol = tls.wrappedProtocol
-            return handshake.whenConnected()
+            return handshake.whenConnected().addCallback(
+                lambda application: (application, handshake)
+            )
 
         return connecting.addCallback(tcpConnected)
 
@@ -178,6 +206,7 @@ def openAuthenticator(
 ) -> Deferred[Authenticator]:
     """
     An L{Authenticator} over the SQLite store at C{store}, for both roles.
+    Its L{Authenticator.close} closes the store.
 
     @param approver: an L{IApprover}, or the name of a built-in one.
     @param strict: refuse servers with no pin, rather than pinning them.
@@ -186,13 +215,15 @@ def openAuthenticator(
     chosen = approverFromName(approver) if isinstance(approver, str) else approver
 
     def opened(trustStore: SQLiteStore) -> Authenticator:
-        return Authenticator(
+        authenticator = Authenticator(
             identity,
-            ApprovalPolicy(trustStore, chosen, identity.name),
+            ApprovalPolicy(trustStore, chosen, identity),
             PinningPolicy(trustStore, strict, expectedServer),
             clock,
             timeout,
             decisionTimeout,
         )
+        authenticator.closeWith(trustStore.close)
+        return authenticator
 
     return SQLiteStore.open(store).addCallback(opened)

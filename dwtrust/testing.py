@@ -14,19 +14,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
 
+from ._decision import SignedDecision
 from ._identity import Identity, PeerIdentity
 from ._policy import ApprovalPolicy, PinningPolicy
 from ._wrap import Authenticator
-from .approval import ApprovalRequest, Decision, IApprover
-from .store import IKnownServices, ITrustStore, KeyRecord, KeyState, Pin
+from .approval import (
+    ApprovalCallback,
+    ApprovalRequest,
+    CallableApprover,
+    Decision,
+    IApprover,
+)
+from .store import (
+    IKnownServices,
+    ITrustStore,
+    KeyRecord,
+    KeyState,
+    PendingFull,
+    Pin,
+)
 
 #: The address in-memory connections appear to come from.
 _PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -34,9 +49,13 @@ _PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 __all__ = [
     "FakeApprover",
     "MemoryTrustStore",
+    "NotDecided",
     "PendingApproval",
+    "approvalRequest",
     "connectInMemory",
+    "decide",
     "memoryAuthenticator",
+    "recordDecision",
 ]
 
 
@@ -52,6 +71,7 @@ class MemoryTrustStore:
     def __init__(self, now: Callable[[], float] = time.time) -> None:
         self.peers: dict[str, KeyRecord] = {}
         self.pins: dict[str, Pin] = {}
+        self.ownerRegistrations: dict[str, bytes] = {}
         self._now = now
 
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
@@ -63,7 +83,12 @@ class MemoryTrustStore:
         )
 
     def record(
-        self, peer: PeerIdentity, state: KeyState, source: str, decidedBy: str
+        self,
+        peer: PeerIdentity,
+        state: KeyState,
+        source: str,
+        decidedBy: str,
+        decision: bytes = b"",
     ) -> Deferred[KeyRecord]:
         now = self._now()
         old = self.peers.get(peer.fingerprint)
@@ -79,25 +104,78 @@ class MemoryTrustStore:
             old.attempts if old else 1,
             source,
             decidedBy,
+            decision,
         )
         return succeed(record)
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
         old = self.peers.get(fingerprint)
         if old is not None:
-            self.peers[fingerprint] = KeyRecord(
-                old.fingerprint,
-                old.org,
-                old.service,
-                old.algorithm,
-                old.publicKey,
-                old.state,
-                old.firstSeen,
-                self._now(),
-                old.attempts + 1,
-                source,
-                old.decidedBy,
+            self.peers[fingerprint] = evolve(
+                old, lastSeen=self._now(), attempts=old.attempts + 1, source=source
             )
+        return succeed(None)
+
+    def addPending(
+        self,
+        peer: PeerIdentity,
+        source: str,
+        requestId: str,
+        expires: float,
+        maxPerSource: int,
+        maxTotal: int,
+    ) -> Deferred[tuple[KeyRecord, bool]]:
+        old = self.peers.get(peer.fingerprint)
+        if old is not None and old.state is KeyState.pending:
+            self.seen(peer.fingerprint, source)
+            return succeed((self.peers[peer.fingerprint], False))
+        pending = [r for r in self.peers.values() if r.state is KeyState.pending]
+        if sum(r.source == source for r in pending) >= maxPerSource:
+            return fail(PendingFull(f"{source} has too many pending requests"))
+        if len(pending) >= maxTotal:
+            return fail(PendingFull("too many requests are pending"))
+        now = self._now()
+        self.peers[peer.fingerprint] = record = KeyRecord(
+            peer.fingerprint,
+            peer.org,
+            peer.service,
+            peer.algorithm,
+            peer.publicKey.blob,
+            KeyState.pending,
+            now,
+            now,
+            1,
+            source,
+            "",
+            b"",
+            requestId,
+            expires,
+        )
+        return succeed((record, True))
+
+    def pending(self) -> Deferred[list[KeyRecord]]:
+        return succeed([r for r in self.peers.values() if r.state is KeyState.pending])
+
+    def decided(self) -> Deferred[list[KeyRecord]]:
+        return succeed(
+            [r for r in self.peers.values() if r.state is not KeyState.pending]
+        )
+
+    def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
+        lapsed = [
+            r
+            for r in self.peers.values()
+            if r.state is KeyState.pending and r.expires < now
+        ]
+        for record in lapsed:
+            del self.peers[record.fingerprint]
+        return succeed(lapsed)
+
+    def owners(self) -> Deferred[list[bytes]]:
+        return succeed(list(self.ownerRegistrations.values()))
+
+    def addOwner(self, fingerprint: str, registration: bytes) -> Deferred[None]:
+        self.ownerRegistrations[fingerprint] = registration
         return succeed(None)
 
     def close(self) -> Deferred[None]:
@@ -169,7 +247,7 @@ def memoryAuthenticator(
     """
     return Authenticator(
         identity,
-        ApprovalPolicy(store, approver, identity.name),
+        ApprovalPolicy(store, approver, identity),
         PinningPolicy(store, strict),
         clock,
     )
@@ -199,3 +277,90 @@ def connectInMemory(
     assert clientProtocol is not None and serverProtocol is not None
     pump.flush()
     return clientProtocol, serverProtocol, pump
+
+
+def recordDecision(
+    store: ITrustStore,
+    signer: Identity,
+    service: str,
+    peer: PeerIdentity,
+    state: KeyState,
+    source: str = "test",
+    now: float = 0.0,
+) -> Deferred[KeyRecord]:
+    """
+    Store a decision about C{peer}, signed by C{signer} (a service's own
+    identity, or a registered owner's), as the control channel would.
+    """
+    decision = SignedDecision.make(
+        signer, service, peer, state.value, now or time.time(), "recorded in a test"
+    )
+    return store.record(peer, state, source, signer.fingerprint, decision.encode())
+
+
+# --- Testing approval callbacks ------------------------------------------------
+
+
+def approvalRequest(
+    org: str = "acme",
+    service: str = "billing",
+    source: str = "10.0.0.1:1234",
+    serviceName: str = "acme/ledger",
+    algorithm: str = "ed25519",
+) -> ApprovalRequest:
+    """
+    A request from C{org/service}, with a fresh key, to connect from
+    C{source} to the service C{serviceName}: what an approver is asked.
+
+    @param algorithm: the key's algorithm, by its command-line name.
+    """
+    key = Identity.generate(org, service, algorithm).publicKey
+    return ApprovalRequest(PeerIdentity(org, service, key), source, serviceName)
+
+
+class NotDecided(AssertionError):
+    """
+    L{decide} found the approver still deciding.
+    """
+
+
+def decide(
+    approver: IApprover | ApprovalCallback,
+    request: ApprovalRequest | None = None,
+) -> Decision | None:
+    """
+    Ask C{approver} about C{request} and return its answer at once: a
+    L{Decision}, or L{None} if it abstains.
+
+    C{approver} is an L{IApprover}, or an approval callback (what
+    C{python:package.module.callable} names), which is run exactly as
+    C{--approver python:...} runs it: C{True} or C{False} become decisions,
+    and an exception a logged refusal.
+
+        >>> decision = decide(myPolicy, approvalRequest(org="acme"))
+        >>> assert decision is not None and decision.approved
+
+    An approver that waits (on a L{Clock}, say) has not decided yet: advance
+    the clock or fire what it waits for first, or use
+    C{successResultOf(approver.requestApproval(request))}.
+
+    @param request: by default, L{approvalRequest}C{()}.
+    @raise NotDecided: if it has not decided yet; its L{Deferred} is then
+        cancelled, as when a client goes away.
+    @raise Exception: whatever the approver's L{Deferred} failed with.
+    """
+    if not IApprover.providedBy(approver):
+        approver = CallableApprover(approver, "test")
+    asked = approver.requestApproval(
+        request if request is not None else approvalRequest()
+    )
+    results: list[object] = []
+    asked.addBoth(results.append)
+    if not results:
+        asked.cancel()
+        raise NotDecided(f"{approver!r} has not decided yet")
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert result is None or isinstance(result, Decision), result
+    return result

@@ -211,7 +211,7 @@ def makeService(
         approver = FakeApprover()
     authenticator = Authenticator(
         identity,
-        ApprovalPolicy(store, approver, identity.name),
+        ApprovalPolicy(store, approver, identity),
         PinningPolicy(store, strict),
         clock,
         timeout,

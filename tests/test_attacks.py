@@ -37,6 +37,7 @@ from dwtrust._wire import (
 from dwtrust._wrap import DEFAULT_TIMEOUT
 from dwtrust.approval import KnownOnlyApprover
 from dwtrust.store import KeyState
+from dwtrust.testing import recordDecision
 
 from .helpers import (
     PEER_ADDRESS,
@@ -97,11 +98,13 @@ class AttackCase(SynchronousTestCase):
         self.server = makeService(self.clock, makeIdentity("acme", "ledger"))
         self.legitimate = makeIdentity("acme", "billing")
         self.attackerIdentity = makeIdentity("evil", "mallory")
-        self.server.store.record(
+        recordDecision(
+            self.server.store,
+            self.server.identity,
+            self.server.identity.name,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.approved,
             "10.0.0.1:1234",
-            "owner",
         )
 
     def attack(
@@ -568,11 +571,13 @@ class SpoofingTests(AttackCase):
         that goes to the owners (it is not a changed identity).
         """
         self.server.store.peers.clear()
-        self.server.store.record(
+        recordDecision(
+            self.server.store,
+            self.server.identity,
+            self.server.identity.name,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.denied,
             "10.0.0.1:1234",
-            "owner",
         )
         impostor = makeIdentity("acme", "billing", slot="impostor")
         connection = self.attack(impostor, onFrame=answerChallenge())
@@ -965,11 +970,13 @@ class KnownClientTests(SynchronousTestCase):
         clock = Clock()
         server: Service = makeService(clock, makeIdentity("acme", "ledger"))
         client = makeService(clock, makeIdentity("acme", "billing"))
-        server.store.record(
+        recordDecision(
+            server.store,
+            server.identity,
+            server.identity.name,
             PeerIdentity("acme", "billing", client.identity.publicKey),
             KeyState.revoked,
             "10.0.0.1:1234",
-            "owner",
         )
         connection = connect(clock, server, client, clientApp=RecordingFactory([b"x"]))
         [app] = connection.clientApp.protocols

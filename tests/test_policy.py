@@ -5,6 +5,7 @@ L{PinningPolicy}, over the in-memory fakes of L{dwtrust.testing}.
 
 from __future__ import annotations
 
+from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
@@ -26,9 +27,18 @@ from dwtrust.approval import (
     approverFromName,
 )
 from dwtrust.store import KeyRecord, KeyState
-from dwtrust.testing import FakeApprover, MemoryTrustStore
+from dwtrust.testing import FakeApprover, MemoryTrustStore, recordDecision
 
 SERVICE = "acme/ledger"
+
+
+def makeServiceIdentity() -> Identity:
+    """
+    The identity of the service whose policy is under test, C{SERVICE}.
+    """
+    return Identity.generate("acme", "ledger")
+
+
 SOURCE = "10.1.2.3:40000"
 ADDRESS = "ledger.example:8443"
 
@@ -69,15 +79,21 @@ class ApprovalPolicyTests(SynchronousTestCase):
         self.now = FakeNow()
         self.store = MemoryTrustStore(self.now)
         self.approver = FakeApprover()
-        self.policy = ApprovalPolicy(self.store, self.approver, SERVICE)
+        self.service = makeServiceIdentity()
+        self.policy = ApprovalPolicy(self.store, self.approver, self.service)
         self.peer = peerIdentity()
 
     def known(self, state: KeyState, peer: PeerIdentity | None = None) -> KeyRecord:
         """
         Put a record for C{peer} (by default C{self.peer}) in the store.
         """
-        recorded = self.store.record(
-            peer or self.peer, state, "10.9.9.9:1", "owner:alice"
+        recorded = recordDecision(
+            self.store,
+            self.service,
+            self.service.name,
+            peer or self.peer,
+            state,
+            "10.9.9.9:1",
         )
         return self.successResultOf(recorded)
 
@@ -135,10 +151,78 @@ class ApprovalPolicyTests(SynchronousTestCase):
 
     def test_pending(self) -> None:
         """
-        A key whose request is pending is refused with C{pending}, and is not
-        asked about again.
+        A key whose request is pending goes back to the approver, which holds
+        it until the owners decide (L{OwnersApprover} joins the request
+        already pending rather than making another).
         """
-        self.assertRefusedAs(KeyState.pending, ErrorCode.pending)
+        self.successResultOf(
+            self.store.addPending(self.peer, "10.9.9.9:1", "abc", 1e12, 10, 10)
+        )
+        checking = self.policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        [pending] = self.approver.requests
+        self.assertEqual(pending.request.peer, self.peer)
+        pending.approve()
+        self.assertIsNone(self.successResultOf(checking))
+        self.assertIs(self.store.peers[self.peer.fingerprint].state, KeyState.approved)
+
+    def test_unsignedApprovalIsUnknown(self) -> None:
+        """
+        A row set to C{approved} without a valid signature (written straight
+        into the store) is not trusted: the key goes to the approver as an
+        unknown one, and the forgery is logged.
+        """
+        self.successResultOf(
+            self.store.record(self.peer, KeyState.approved, "10.9.9.9:1", "forger")
+        )
+        checking = self.policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        [pending] = self.approver.requests
+        pending.deny()
+        self.assertEqual(self.refusal(checking).code, ErrorCode.denied)
+
+    def test_approvalSignedByAStrangerIsUnknown(self) -> None:
+        """
+        An approval signed by a key that is neither the service's nor a
+        registered owner's counts for nothing.
+        """
+        stranger = Identity.generate("evil", "mallory")
+        self.successResultOf(
+            recordDecision(self.store, stranger, SERVICE, self.peer, KeyState.approved)
+        )
+        checking = self.policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        self.assertEqual(len(self.approver.requests), 1)
+
+    def test_approvalForAnotherServiceIsUnknown(self) -> None:
+        """
+        An approval signed by the service's own key, but for another service,
+        counts for nothing here.
+        """
+        self.successResultOf(
+            recordDecision(
+                self.store, self.service, "acme/other", self.peer, KeyState.approved
+            )
+        )
+        checking = self.policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        self.assertEqual(len(self.approver.requests), 1)
+
+    def test_decisionOfAnotherKeyIsUnknown(self) -> None:
+        """
+        A valid approval of one key, copied into another key's row, does not
+        approve that other key.
+        """
+        other = peerIdentity("acme", "other")
+        good = self.known(KeyState.approved, other)
+        self.store.peers[self.peer.fingerprint] = evolve(
+            good,
+            fingerprint=self.peer.fingerprint,
+            publicKey=self.peer.publicKey.blob,
+        )
+        checking = self.policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        self.assertEqual(len(self.approver.requests), 1)
 
     def test_identityChanged(self) -> None:
         """
@@ -282,7 +366,7 @@ class ApprovalPolicyTests(SynchronousTestCase):
         With L{KnownOnlyApprover}, an unknown key is refused with C{denied},
         and nothing is stored about it.
         """
-        policy = ApprovalPolicy(self.store, KnownOnlyApprover(), SERVICE)
+        policy = ApprovalPolicy(self.store, KnownOnlyApprover(), self.service)
         refusal = self.refusal(policy.check(self.peer, SOURCE))
         self.assertIs(refusal.code, ErrorCode.denied)
         self.assertIn("unknown key", refusal.message)
@@ -293,7 +377,7 @@ class ApprovalPolicyTests(SynchronousTestCase):
         With L{KnownOnlyApprover}, an approved key still passes.
         """
         self.known(KeyState.approved)
-        policy = ApprovalPolicy(self.store, KnownOnlyApprover(), SERVICE)
+        policy = ApprovalPolicy(self.store, KnownOnlyApprover(), self.service)
         self.assertIsNone(self.successResultOf(policy.check(self.peer, SOURCE)))
 
     def test_autoApproves(self) -> None:
@@ -308,7 +392,7 @@ class ApprovalPolicyTests(SynchronousTestCase):
         self.assertEqual(len(created), 1)
         self.assertEqual(created[0]["log_level"], LogLevel.warn)
 
-        policy = ApprovalPolicy(self.store, approver, SERVICE)
+        policy = ApprovalPolicy(self.store, approver, self.service)
         self.assertIsNone(self.successResultOf(policy.check(self.peer, SOURCE)))
         record = self.store.peers[self.peer.fingerprint]
         self.assertEqual((record.state, record.decidedBy), (KeyState.approved, "auto"))

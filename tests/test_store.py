@@ -91,9 +91,12 @@ def schemaObjects(path: str) -> list[tuple[str, str]]:
 EXPECTED_SCHEMA = [
     ("index", "known_services_by_service"),
     ("index", "peers_by_service"),
+    ("index", "peers_pending_by_source"),
     ("index", "sqlite_autoindex_known_services_1"),
+    ("index", "sqlite_autoindex_owners_1"),
     ("index", "sqlite_autoindex_peers_1"),
     ("table", "known_services"),
+    ("table", "owners"),
     ("table", "peers"),
 ]
 

@@ -4,11 +4,16 @@ The built-in approvers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._chain import ChainApprover
 from ._interface import ApprovalRequest, Decision, IApprover
+from ._python import PythonApprover, resolveCallback
+from ._webhook import WebhookApprover, checkWebhookURL
 
 
 @implementer(IApprover)
@@ -59,20 +64,132 @@ class KnownOnlyApprover:
         )
 
 
-BUILTIN_APPROVERS = {"auto": AutoApprover, "known-only": KnownOnlyApprover}
+@implementer(IApprover)
+class DenyApprover:
+    """
+    Refuses every key it is asked about, and stores nothing about it.  Alone,
+    it admits only the keys already approved, as C{known-only} does; at the
+    end of a chain, it says "and nobody else".
+    """
+
+    name = "deny"
+
+    def requestApproval(self, request: ApprovalRequest) -> Deferred[Decision]:
+        return succeed(
+            Decision(False, "denied by the deny approver", self.name, remember=False)
+        )
+
+
+#: The approvers that need nothing but their name, by name.
+BUILTIN_APPROVERS: dict[str, Callable[[], IApprover]] = {
+    "auto": AutoApprover,
+    "known-only": KnownOnlyApprover,
+    "deny": DenyApprover,
+}
+
+#: Every form an approver spec takes, in the order they are documented.
+APPROVER_SPECS = (
+    "owners",
+    "auto",
+    "known-only",
+    "deny",
+    "webhook:URL",
+    "python:package.module.callable",
+)
+
+
+def _unknown(spec: str) -> ValueError:
+    return ValueError(
+        f"unknown approver {spec!r}; choose one of {', '.join(APPROVER_SPECS)}"
+    )
+
+
+def _ownersMissing() -> ValueError:
+    return ValueError(
+        "the 'owners' approver is not available here: it needs the trust"
+        " daemon's owners (its store and control channel)"
+    )
+
+
+def checkApproverSpecs(specs: Sequence[str], owners: bool = True) -> None:
+    """
+    Check approver specs without making any approver: every name is known,
+    every webhook URL is well formed, every Python callback imports.
+
+    @param owners: whether C{owners} is available where they will be used.
+    @raise ValueError: for the first spec that is wrong, saying why.
+    """
+    if not specs:
+        raise ValueError("no approver given")
+    for spec in specs:
+        kind, _, argument = spec.partition(":")
+        if kind == "webhook" and argument:
+            checkWebhookURL(argument)
+        elif kind == "python" and argument:
+            resolveCallback(argument)
+        elif spec == "owners":
+            if not owners:
+                raise _ownersMissing()
+        elif spec not in BUILTIN_APPROVERS:
+            raise _unknown(spec)
+
+
+def approverFromSpec(spec: str, owners: IApprover | None = None) -> IApprover:
+    """
+    The approver that one spec names:
+
+      - C{owners}: C{owners} (the service's owners decide, through the CLI);
+      - C{auto}: L{AutoApprover};
+      - C{known-only}: L{KnownOnlyApprover};
+      - C{deny}: L{DenyApprover};
+      - C{webhook:URL}: a L{WebhookApprover} for C{URL};
+      - C{python:package.module.callable}: a L{PythonApprover}.
+
+    @param owners: the owners' approver, where there is one.
+    @raise ValueError: for an unknown spec, a bad URL or callback, or
+        C{owners} when C{owners} is L{None}.
+    """
+    kind, _, argument = spec.partition(":")
+    if kind == "webhook" and argument:
+        return WebhookApprover(argument)
+    if kind == "python" and argument:
+        return PythonApprover(argument)
+    if spec == "owners":
+        if owners is None:
+            raise _ownersMissing()
+        return owners
+    factory = BUILTIN_APPROVERS.get(spec)
+    if factory is None:
+        raise _unknown(spec)
+    return factory()
+
+
+def approverFromSpecs(
+    specs: Sequence[str], owners: IApprover | None = None
+) -> IApprover:
+    """
+    The approver that specs name (see L{approverFromSpec}).  Several are
+    asked in order, as a L{ChainApprover}: C{["python:acme.policy.decide",
+    "owners"]} lets acme's policy decide what it can, and the owners the rest.
+
+    @param owners: the owners' approver, where there is one.
+    @raise ValueError: if C{specs} is empty, or for any spec that is wrong.
+    """
+    if isinstance(specs, str):
+        raise TypeError("approverFromSpecs takes a sequence of specs, not a str")
+    if not specs:
+        raise ValueError("no approver given")
+    approvers = [approverFromSpec(spec, owners) for spec in specs]
+    if len(approvers) == 1:
+        return approvers[0]
+    return ChainApprover(approvers)
 
 
 def approverFromName(name: str) -> IApprover:
     """
-    A built-in approver by its command-line name.
+    The approver one spec names, where there are no owners (an endpoint
+    string, say): L{approverFromSpec} with no owners.
 
     @raise ValueError: for a name that is not one.
     """
-    factory = BUILTIN_APPROVERS.get(name)
-    if factory is None:
-        raise ValueError(
-            f"unknown approver {name!r}; choose one of"
-            f" {', '.join(sorted(BUILTIN_APPROVERS))}"
-        )
-    approver: IApprover = factory()
-    return approver
+    return approverFromSpec(name)

@@ -50,8 +50,24 @@ class IApprover(Interface):
     Decides whether an unknown key may connect.
     """
 
-    def requestApproval(request: ApprovalRequest) -> Deferred[Decision]:
+    def requestApproval(
+        request: ApprovalRequest,
+    ) -> Deferred[Decision] | Deferred[Decision | None]:
         """
-        Decide about C{request}.  The L{Deferred} may take as long as the
-        owners do; if the peer goes away first, it is cancelled.
+        Decide about C{request}.
+
+        The L{Deferred} fires with a L{Decision}, or with L{None} to abstain:
+        "no opinion, ask the next approver".  Approvers compose that way (see
+        L{ChainApprover <dwtrust.approval.ChainApprover>}): a policy of one's
+        own can decide some requests and pass the rest on to the owners.  An
+        approver asked on its own that abstains refuses the key, and nothing
+        is stored.
+
+        The L{Deferred} may take as long as the owners do; if the peer goes
+        away first, it is cancelled, and the approver should then stop
+        whatever it was waiting for.  It may also fail with a L{Refusal
+        <dwtrust.Refusal>}, whose code the peer is told.
+
+        (An approver that never abstains may say it returns a
+        C{Deferred[Decision]}; L{Deferred} is invariant, hence the union.)
         """

@@ -2,7 +2,14 @@
 Trust stores: what a service knows about its peers' keys.
 """
 
-from ._interface import IKnownServices, ITrustStore, KeyRecord, KeyState, Pin
+from ._interface import (
+    IKnownServices,
+    ITrustStore,
+    KeyRecord,
+    KeyState,
+    PendingFull,
+    Pin,
+)
 from ._sqlite import SCHEMA_VERSION, SQLiteStore, StoreError
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "ITrustStore",
     "KeyRecord",
     "KeyState",
+    "PendingFull",
     "Pin",
     "SQLiteStore",
     "StoreError",

@@ -41,6 +41,10 @@ class KeyRecord:
     @ivar attempts: how many connections presented this key.
     @ivar source: the address of the latest attempt.
     @ivar decidedBy: who made the current decision (an approver or owner).
+    @ivar decision: the signed decision behind C{state}, encoded (see
+        L{dwtrust._decision.SignedDecision}); empty for a pending key.
+    @ivar requestId: for a pending key, the request's identifier.
+    @ivar expires: for a pending key, when the request lapses.
     """
 
     fingerprint: str
@@ -54,6 +58,15 @@ class KeyRecord:
     attempts: int
     source: str
     decidedBy: str
+    decision: bytes = b""
+    requestId: str = ""
+    expires: float = 0.0
+
+
+class PendingFull(Exception):
+    """
+    A new pending request would exceed a cap: the message says which.
+    """
 
 
 @frozen
@@ -102,10 +115,59 @@ class ITrustStore(Interface):
         """
 
     def record(
-        peer: PeerIdentity, state: KeyState, source: str, decidedBy: str
+        peer: PeerIdentity,
+        state: KeyState,
+        source: str,
+        decidedBy: str,
+        decision: bytes = b"",
     ) -> Deferred[KeyRecord]:
         """
-        Store a decision about C{peer}'s key, creating its record if need be.
+        Store a decision about C{peer}'s key, creating its record if need be,
+        with the encoded signed C{decision} behind it.
+        """
+
+    def addPending(
+        peer: PeerIdentity,
+        source: str,
+        requestId: str,
+        expires: float,
+        maxPerSource: int,
+        maxTotal: int,
+    ) -> Deferred[tuple[KeyRecord, bool]]:
+        """
+        Record a request for approval of C{peer}'s key, or count one more
+        attempt on the request already pending for it (one per key).
+
+        @return: the pending record, and whether it is new.
+        @raise PendingFull: (in the L{Deferred}) if a new request would put
+            more than C{maxPerSource} pending requests from C{source}, or more
+            than C{maxTotal} in all.
+        """
+
+    def pending() -> Deferred[list[KeyRecord]]:
+        """
+        Every pending request, oldest first.
+        """
+
+    def decided() -> Deferred[list[KeyRecord]]:
+        """
+        Every key with a decision (not pending), oldest first.
+        """
+
+    def expirePending(now: float) -> Deferred[list[KeyRecord]]:
+        """
+        Remove the pending requests that lapsed before C{now}; fire with them.
+        """
+
+    def owners() -> Deferred[list[bytes]]:
+        """
+        The owner registrations kept in the store (encoded signed decisions,
+        signed by the service itself).
+        """
+
+    def addOwner(fingerprint: str, registration: bytes) -> Deferred[None]:
+        """
+        Keep an owner registration.
         """
 
     def seen(fingerprint: str, source: str) -> Deferred[None]:

@@ -22,7 +22,14 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from .._identity import PeerIdentity
-from ._interface import IKnownServices, ITrustStore, KeyRecord, KeyState, Pin
+from ._interface import (
+    IKnownServices,
+    ITrustStore,
+    KeyRecord,
+    KeyState,
+    PendingFull,
+    Pin,
+)
 
 #: Each entry takes the schema from its index to the next version.
 MIGRATIONS: Sequence[str] = [
@@ -53,12 +60,22 @@ MIGRATIONS: Sequence[str] = [
     );
     CREATE INDEX known_services_by_service ON known_services (org, service);
     """,
+    """
+    ALTER TABLE peers ADD COLUMN decision BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE peers ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE peers ADD COLUMN expires REAL NOT NULL DEFAULT 0;
+    CREATE INDEX peers_pending_by_source ON peers (source) WHERE state = 'pending';
+    CREATE TABLE owners (
+        fingerprint TEXT PRIMARY KEY,
+        registration BLOB NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _PEER_COLUMNS = (
     "fingerprint, org, service, algorithm, public_key, state, first_seen,"
-    " last_seen, attempts, source, decided_by"
+    " last_seen, attempts, source, decided_by, decision, request_id, expires"
 )
 _PIN_COLUMNS = "address, org, service, algorithm, public_key, fingerprint, first_seen"
 
@@ -148,6 +165,23 @@ def migrateFile(path: str) -> int:
         connection.close()
 
 
+def ownersInFile(path: str) -> list[bytes]:
+    """
+    The owner registrations in the (migrated) store at C{path}.  Blocks: for
+    start-up, before the reactor runs.
+    """
+    connection = sqlite3.connect(path, timeout=5.0)
+    try:
+        rows = connection.execute(
+            "SELECT registration FROM owners ORDER BY fingerprint"
+        ).fetchall()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"cannot read the owners in {path}: {e}") from None
+    finally:
+        connection.close()
+    return [bytes(row[0]) for row in rows]
+
+
 def _pool(path: FilePath[str]) -> adbapi.ConnectionPool:
     # One connection: SQLite serialises writers anyway, and one thread keeps
     # the order of operations the order they were asked in.
@@ -165,6 +199,7 @@ def _pool(path: FilePath[str]) -> adbapi.ConnectionPool:
 def _record(row: tuple[Any, ...]) -> KeyRecord:
     values = list(row)
     values[5] = KeyState(values[5])
+    values[11] = bytes(values[11])
     return KeyRecord(*values)
 
 
@@ -260,17 +295,23 @@ class SQLiteStore:
         )
 
     def record(
-        self, peer: PeerIdentity, state: KeyState, source: str, decidedBy: str
+        self,
+        peer: PeerIdentity,
+        state: KeyState,
+        source: str,
+        decidedBy: str,
+        decision: bytes = b"",
     ) -> Deferred[KeyRecord]:
         now = self._now()
 
         def upsert(cursor: Any) -> KeyRecord:
             cursor.execute(
                 f"INSERT INTO peers ({_PEER_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, '', 0)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
                 " last_seen = excluded.last_seen, source = excluded.source,"
-                " decided_by = excluded.decided_by",
+                " decided_by = excluded.decided_by, decision = excluded.decision,"
+                " request_id = '', expires = 0",
                 (
                     peer.fingerprint,
                     peer.org,
@@ -282,16 +323,120 @@ class SQLiteStore:
                     now,
                     source,
                     decidedBy,
+                    decision,
                 ),
             )
+            return self._fetch(cursor, peer.fingerprint)
+
+        result: Deferred[KeyRecord] = self._pool.runInteraction(upsert)
+        return result
+
+    def _fetch(self, cursor: Any, fingerprint: str) -> KeyRecord:
+        cursor.execute(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
+            (fingerprint,),
+        )
+        return _record(cursor.fetchone())
+
+    def addPending(
+        self,
+        peer: PeerIdentity,
+        source: str,
+        requestId: str,
+        expires: float,
+        maxPerSource: int,
+        maxTotal: int,
+    ) -> Deferred[tuple[KeyRecord, bool]]:
+        now = self._now()
+
+        def add(cursor: Any) -> tuple[KeyRecord, bool]:
             cursor.execute(
-                f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
-                (peer.fingerprint,),
+                "UPDATE peers SET attempts = attempts + 1, last_seen = ?,"
+                " source = ? WHERE fingerprint = ? AND state = 'pending'",
+                (now, source, peer.fingerprint),
             )
-            return _record(cursor.fetchone())
+            if cursor.rowcount:
+                return self._fetch(cursor, peer.fingerprint), False
+            cursor.execute(
+                "SELECT COUNT(*), COALESCE(SUM(source = ?), 0) FROM peers"
+                " WHERE state = 'pending'",
+                (source,),
+            )
+            total, fromSource = cursor.fetchone()
+            if fromSource >= maxPerSource:
+                raise PendingFull(
+                    f"{source} already has {fromSource} pending requests"
+                    f" (at most {maxPerSource})"
+                )
+            if total >= maxTotal:
+                raise PendingFull(
+                    f"{total} requests are pending already (at most {maxTotal})"
+                )
+            cursor.execute(
+                f"INSERT INTO peers ({_PEER_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, 1, ?, '', x'', ?, ?)",
+                (
+                    peer.fingerprint,
+                    peer.org,
+                    peer.service,
+                    peer.algorithm,
+                    peer.publicKey.blob,
+                    now,
+                    now,
+                    source,
+                    requestId,
+                    expires,
+                ),
+            )
+            return self._fetch(cursor, peer.fingerprint), True
 
-        result: Deferred[Any] = self._pool.runInteraction(upsert)
+        result: Deferred[tuple[KeyRecord, bool]] = self._pool.runInteraction(add)
+        return result
 
+    def pending(self) -> Deferred[list[KeyRecord]]:
+        return self._all(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state = 'pending'"
+            " ORDER BY first_seen",
+            (),
+            _record,
+        )
+
+    def decided(self) -> Deferred[list[KeyRecord]]:
+        return self._all(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state != 'pending'"
+            " ORDER BY first_seen",
+            (),
+            _record,
+        )
+
+    def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
+        def expire(cursor: Any) -> list[KeyRecord]:
+            cursor.execute(
+                f"SELECT {_PEER_COLUMNS} FROM peers"
+                " WHERE state = 'pending' AND expires < ?",
+                (now,),
+            )
+            lapsed = [_record(row) for row in cursor.fetchall()]
+            cursor.execute(
+                "DELETE FROM peers WHERE state = 'pending' AND expires < ?", (now,)
+            )
+            return lapsed
+
+        result: Deferred[list[KeyRecord]] = self._pool.runInteraction(expire)
+        return result
+
+    def owners(self) -> Deferred[list[bytes]]:
+        return self._all(
+            "SELECT registration FROM owners ORDER BY fingerprint",
+            (),
+            lambda row: bytes(row[0]),
+        )
+
+    def addOwner(self, fingerprint: str, registration: bytes) -> Deferred[None]:
+        result: Deferred[None] = self._pool.runOperation(
+            "INSERT OR REPLACE INTO owners (fingerprint, registration) VALUES (?, ?)",
+            (fingerprint, registration),
+        )
         return result
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:

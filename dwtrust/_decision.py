@@ -1,0 +1,268 @@
+"""
+Signed decisions: an owner's (or the service's own) statement that a key is
+approved, denied, revoked or blocked for a service.
+
+Every decision the trust store holds carries one, and a service acts on a
+stored decision only after checking its signature against the keys it trusts
+to decide (its registered owners and itself).  Write access to the store alone
+therefore cannot mint trust.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from attrs import frozen
+from twisted.logger import Logger
+
+from ._identity import Identity, IdentityError, PeerIdentity, PublicKey
+from ._wire import WireError, decodeFields, encodeFields
+
+#: Domain separation: distinct from the handshake's label, so that no
+#: handshake signature can ever pass for a decision.
+DECISION_LABEL = b"dwtrust-signed-decision"
+DECISION_VERSION = b"\x01"
+_log = Logger()
+STATES = ("approved", "denied", "revoked", "blocked")
+#: The state of an owner registration: the service's own statement that a
+#: key may decide for it.
+OWNER = "owner"
+
+
+class DecisionError(Exception):
+    """
+    A decision is malformed, or does not verify.
+    """
+
+
+@frozen
+class SignedDecision:
+    """
+    A decision about one key, for one service, and its signature.
+
+    @ivar service: the C{org/service} the decision is for.
+    @ivar fingerprint: the subject key's fingerprint.
+    @ivar org: the subject's organization.
+    @ivar subjectService: the subject's service name.
+    @ivar algorithm: the subject key's algorithm name.
+    @ivar publicKey: the subject key, OpenSSH wire format.
+    @ivar state: C{approved}, C{denied}, C{revoked} or C{blocked}.
+    @ivar decidedAt: when, in whole POSIX seconds.
+    @ivar reason: why, in the decider's words.
+    @ivar signer: the fingerprint of the key that signed.
+    @ivar signature: the signature over L{payload}.
+    """
+
+    service: str
+    fingerprint: str
+    org: str
+    subjectService: str
+    algorithm: str
+    publicKey: bytes
+    state: str
+    decidedAt: int
+    reason: str
+    signer: str
+    signature: bytes
+
+    @classmethod
+    def make(
+        cls,
+        signer: Identity,
+        service: str,
+        subject: PeerIdentity,
+        state: str,
+        decidedAt: float,
+        reason: str,
+    ) -> SignedDecision:
+        """
+        Sign a decision about C{subject} for C{service}.
+        """
+        if state not in (*STATES, OWNER):
+            raise DecisionError(f"unknown decision {state!r}")
+        unsigned = cls(
+            service,
+            subject.fingerprint,
+            subject.org,
+            subject.service,
+            subject.algorithm,
+            subject.publicKey.blob,
+            state,
+            math.floor(decidedAt),
+            reason,
+            signer.fingerprint,
+            b"",
+        )
+        return unsigned.withSignature(signer.sign(unsigned.payload()))
+
+    def withSignature(self, signature: bytes) -> SignedDecision:
+        return SignedDecision(
+            self.service,
+            self.fingerprint,
+            self.org,
+            self.subjectService,
+            self.algorithm,
+            self.publicKey,
+            self.state,
+            self.decidedAt,
+            self.reason,
+            self.signer,
+            signature,
+        )
+
+    def _fields(self) -> tuple[bytes, ...]:
+        return (
+            self.service.encode(),
+            self.fingerprint.encode(),
+            self.org.encode(),
+            self.subjectService.encode(),
+            self.algorithm.encode(),
+            self.publicKey,
+            self.state.encode(),
+            str(self.decidedAt).encode(),
+            self.reason.encode(),
+            self.signer.encode(),
+        )
+
+    def payload(self) -> bytes:
+        """
+        The exact bytes the signature covers.
+        """
+        return encodeFields(DECISION_LABEL, DECISION_VERSION, *self._fields())
+
+    def encode(self) -> bytes:
+        """
+        The decision with its signature, for storage and transport.
+        """
+        return encodeFields(*self._fields(), self.signature)
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignedDecision:
+        """
+        @raise DecisionError: if C{data} is not an encoded decision.
+        """
+        try:
+            fields = decodeFields(data, 11)
+            text = [f.decode("utf-8") for f in fields[:5]]
+            state, decidedAt, reason, signer = (f.decode("utf-8") for f in fields[6:10])
+            return cls(
+                text[0],
+                text[1],
+                text[2],
+                text[3],
+                text[4],
+                fields[5],
+                state,
+                int(decidedAt),
+                reason,
+                signer,
+                fields[10],
+            )
+        except (WireError, UnicodeDecodeError, ValueError) as e:
+            raise DecisionError(f"malformed decision: {e}") from None
+
+    def subject(self) -> PeerIdentity:
+        """
+        The key the decision is about.
+
+        @raise DecisionError: if the key does not parse or does not match the
+            fingerprint.
+        """
+        try:
+            key = PublicKey.fromWire(self.algorithm, self.publicKey)
+        except IdentityError as e:
+            raise DecisionError(str(e)) from None
+        if key.fingerprint != self.fingerprint:
+            raise DecisionError("the key does not match the fingerprint")
+        return PeerIdentity(self.org, self.subjectService, key)
+
+
+class Signers:
+    """
+    The keys a service trusts to sign decisions: its owners, and itself.
+    """
+
+    def __init__(self, keys: Iterable[PublicKey] = ()) -> None:
+        self._keys: dict[str, PublicKey] = {}
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: PublicKey) -> None:
+        self._keys[key.fingerprint] = key
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._keys
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._keys.values())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def verify(self, decision: SignedDecision, service: str) -> None:
+        """
+        Check that C{decision} is for C{service} and signed by a trusted key.
+
+        @raise DecisionError: saying which check failed.
+        """
+        if decision.service != service:
+            raise DecisionError(
+                f"the decision is for {decision.service}, not {service}"
+            )
+        signer = self._keys.get(decision.signer)
+        if signer is None:
+            raise DecisionError(f"{decision.signer} is not a registered owner")
+        if not signer.verify(decision.signature, decision.payload()):
+            raise DecisionError("the decision's signature does not verify")
+        decision.subject()
+
+
+def readOwnerKey(line: str) -> PeerIdentity:
+    """
+    An owner from an OpenSSH public-key line, as C{dwtrust keygen} writes
+    them (C{ssh-ed25519 AAAA... org/service}); the comment names the owner.
+
+    @raise DecisionError: if the line is not a usable public key.
+    """
+    try:
+        key = PublicKey.fromOpenSSH(line)
+    except IdentityError as e:
+        raise DecisionError(f"not an owner's public key: {e}") from None
+    parts = line.split()
+    org, _, service = (parts[2] if len(parts) > 2 else "").partition("/")
+    return PeerIdentity(org or "owner", service or key.fingerprint, key)
+
+
+def registerOwner(service: Identity, owner: PeerIdentity, now: float) -> SignedDecision:
+    """
+    The service's own signed statement that C{owner} may decide for it.
+    """
+    return SignedDecision.make(
+        service, service.name, owner, OWNER, now, "registered owner"
+    )
+
+
+def registeredOwners(
+    service: Identity, registrations: Iterable[bytes]
+) -> list[PublicKey]:
+    """
+    The owner keys among C{registrations} that the service itself signed;
+    the others are logged and ignored.
+    """
+    itself = Signers([service.publicKey])
+    owners = []
+    for encoded in registrations:
+        try:
+            registration = SignedDecision.decode(encoded)
+            itself.verify(registration, service.name)
+            if registration.state != OWNER:
+                raise DecisionError(f"a {registration.state} decision is no owner")
+            owners.append(registration.subject().publicKey)
+        except DecisionError as e:
+            _log.warn(
+                "dwtrust: IGNORED an owner registration in the store: {error}",
+                event="dwtrust.forged_owner",
+                error=str(e),
+            )
+    return owners

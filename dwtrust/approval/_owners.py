@@ -1,0 +1,110 @@
+"""
+The owners approver: trust on first use with the service's owners in the
+loop, as ssh asks about an unknown host key.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from .._decision import SignedDecision
+from .._machine import Refusal
+from .._wire import ErrorCode
+from ..control import ControlBus, ControlMessage
+from ..store import ITrustStore, PendingFull
+from ._interface import ApprovalRequest, Decision, IApprover
+
+#: Seconds a pending request lives, unless an owner decides sooner.
+DEFAULT_REQUEST_TTL = 24 * 3600.0
+DEFAULT_MAX_PENDING = 1000
+DEFAULT_MAX_PENDING_PER_SOURCE = 10
+
+
+def newRequestId() -> str:
+    """
+    A short random identifier, easy to type by a unique prefix.
+    """
+    return secrets.token_hex(5)
+
+
+@implementer(IApprover)
+class OwnersApprover:
+    """
+    Records an unknown key as one pending request (one per key), sends a
+    control message to the owners, and waits for their signed decision, which
+    arrives through the L{ControlBus}.  The connection's wait is bounded by
+    its decision timeout; the request outlives it, until it expires.
+    """
+
+    name = "owners"
+
+    def __init__(
+        self,
+        store: ITrustStore,
+        bus: ControlBus,
+        ttl: float = DEFAULT_REQUEST_TTL,
+        maxPending: int = DEFAULT_MAX_PENDING,
+        maxPendingPerSource: int = DEFAULT_MAX_PENDING_PER_SOURCE,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.ttl = ttl
+        self.maxPending = maxPending
+        self.maxPendingPerSource = maxPendingPerSource
+        self._now = now
+
+    def requestApproval(self, request: ApprovalRequest) -> Deferred[Decision]:
+        return Deferred.fromCoroutine(self._request(request))
+
+    async def _request(self, request: ApprovalRequest) -> Decision:
+        peer = request.peer
+        # Wait before the store call, so that a decision made meanwhile is
+        # not missed.
+        waiting = self.bus.waitFor(peer.fingerprint)
+        try:
+            record, created = await self.store.addPending(
+                peer,
+                request.source,
+                newRequestId(),
+                self._now() + self.ttl,
+                self.maxPendingPerSource,
+                self.maxPending,
+            )
+        except PendingFull as e:
+            waiting.cancel()
+            raise Refusal(ErrorCode.unavailable, str(e)) from None
+        except BaseException:
+            waiting.cancel()
+            raise
+        if created:
+            known = await self.store.keysFor(peer.org, peer.service)
+            self.bus.publish(
+                ControlMessage.about(
+                    "approval_requested",
+                    request.service,
+                    peer,
+                    source=request.source,
+                    requestId=record.requestId,
+                    firstSeen=record.firstSeen,
+                    attempts=record.attempts,
+                    knownKeys=tuple(
+                        k.fingerprint
+                        for k in known
+                        if k.fingerprint != peer.fingerprint
+                    ),
+                    reason=f"{peer.name} wants to connect to {request.service}",
+                )
+            )
+        decision: SignedDecision = await waiting
+        return Decision(
+            decision.state == "approved",
+            decision.reason or f"{decision.state} by an owner",
+            decision.signer,
+            remember=False,
+        )

@@ -1,0 +1,404 @@
+"""
+The service's end of the control channel.
+
+The channel is a dwtrust service like any other, with one policy:
+L{OwnersOnlyPolicy} lets in the registered owners' keys and nobody else.
+Over it, L{ControlServer} answers the commands of L{dwtrust.control._protocol}
+from the trust store and the control bus, and applies the decisions owners
+sign, once it has checked their signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .._decision import STATES, DecisionError, SignedDecision, Signers
+from .._identity import IdentityError, PeerIdentity, PublicKey
+from .._machine import Refusal
+from .._policy import ITrustPolicy
+from .._wire import ErrorCode
+from ..store import ITrustStore, KeyRecord, KeyState
+from ._bus import ControlBus, ControlMessage
+from ._protocol import (
+    MAX_KNOWN_KEYS,
+    PAGE_ENTRIES,
+    ControlFailed,
+    Decide,
+    DecisionRefused,
+    ListPeers,
+    ListPending,
+    Notify,
+    Watch,
+    dumps,
+    encodeMessage,
+    matchesKey,
+    page,
+)
+
+
+@implementer(ITrustPolicy)
+class OwnersOnlyPolicy:
+    """
+    The control channel's policy: a registered owner's key goes on, and every
+    other key is refused with C{denied}.  Nothing is stored and nobody is
+    asked: an unknown key on the control channel is not a request.
+
+    @ivar owners: the registered owners' keys.
+    """
+
+    log = Logger()
+
+    def __init__(self, owners: Signers) -> None:
+        self.owners = owners
+
+    def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
+        if peer.fingerprint in self.owners:
+            return succeed(None)
+        self.log.warn(
+            "dwtrust: REFUSED {peer_name} {fingerprint} from {source} on the"
+            " control channel: not a registered owner",
+            event="dwtrust.control.refused",
+            peer_name=peer.name,
+            fingerprint=peer.fingerprint,
+            source=source,
+        )
+        return fail(
+            Refusal(
+                ErrorCode.denied,
+                f"{peer.fingerprint} is not a registered owner of this service",
+            )
+        )
+
+
+def openSSHLine(record: KeyRecord) -> str:
+    """
+    The OpenSSH public-key line of C{record}'s key, commented with the name it
+    claimed; empty if the stored key does not parse.
+    """
+    try:
+        key = PublicKey.fromWire(record.algorithm, record.publicKey)
+    except IdentityError:
+        return ""
+    return key.openssh(f"{record.org}/{record.service}")
+
+
+def peerEntry(record: KeyRecord) -> dict[str, Any]:
+    """
+    A key with a decision, as L{ListPeers} describes it.
+    """
+    return {
+        "fingerprint": record.fingerprint,
+        "org": record.org,
+        "service": record.service,
+        "algorithm": record.algorithm,
+        "publicKey": openSSHLine(record),
+        "state": record.state.value,
+        "decidedBy": record.decidedBy,
+        "firstSeen": record.firstSeen,
+        "lastSeen": record.lastSeen,
+        "attempts": record.attempts,
+        "source": record.source,
+    }
+
+
+def pendingEntry(record: KeyRecord, known: Sequence[KeyRecord]) -> dict[str, Any]:
+    """
+    A pending request, as L{ListPending} describes it.
+
+    @param known: the records of every key of the same org/service (this one's
+        included, or not).
+    """
+    others = sorted(
+        (k for k in known if k.fingerprint != record.fingerprint),
+        key=lambda k: (k.state is not KeyState.approved, k.firstSeen),
+    )
+    return {
+        "id": record.requestId,
+        "fingerprint": record.fingerprint,
+        "org": record.org,
+        "service": record.service,
+        "algorithm": record.algorithm,
+        "publicKey": openSSHLine(record),
+        "source": record.source,
+        "firstSeen": record.firstSeen,
+        "lastSeen": record.lastSeen,
+        "attempts": record.attempts,
+        "expires": record.expires,
+        "knownKeys": [
+            {"fingerprint": k.fingerprint, "state": k.state.value}
+            for k in others[:MAX_KNOWN_KEYS]
+        ],
+        "knownKeysOmitted": max(len(others) - MAX_KNOWN_KEYS, 0),
+    }
+
+
+def _chosen(
+    records: list[KeyRecord], offset: int | None, prefix: str | None
+) -> tuple[list[KeyRecord], int, int]:
+    """
+    The records a page may hold: those C{prefix} matches, from C{offset} on.
+
+    @return: those records, how many match in all, and the offset.
+    """
+    if prefix:
+        records = [r for r in records if matchesKey(prefix, r.requestId, r.fingerprint)]
+    start = max(offset or 0, 0)
+    return records[start : start + PAGE_ENTRIES], len(records), start
+
+
+@implementer(IPushProducer)
+class ControlServer(amp.AMP):
+    """
+    One owner's control connection, as the service sees it.
+
+    It must be reached through an L{Authenticator} whose inbound policy is
+    L{OwnersOnlyPolicy}; as a second line of defence, it drops any connection
+    whose authenticated peer is not a registered owner.
+
+    While it watches, it is its transport's producer: when the owner reads
+    too slowly for the messages to flow, they are counted, not buffered, and
+    the owner is told how many were dropped once the connection flows again.
+    A slow owner therefore costs the service a bounded amount of memory.
+
+    @ivar owner: the connected owner's identity.
+    @ivar dropped: how many messages were dropped since the connection
+        stalled.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: ITrustStore,
+        bus: ControlBus,
+        owners: Signers,
+        serviceName: str,
+    ) -> None:
+        amp.AMP.__init__(self)
+        self.store = store
+        self.bus = bus
+        self.owners = owners
+        self.serviceName = serviceName
+        self.owner: PeerIdentity | None = None
+        self.dropped = 0
+        self._paused = False
+        self._unwatch: Callable[[], None] | None = None
+
+    def connectionMade(self) -> None:
+        peer = getattr(self.transport, "peer", None)
+        if not isinstance(peer, PeerIdentity) or peer.fingerprint not in self.owners:
+            self.log.error(
+                "dwtrust: a control connection from {peer} is not an"
+                " authenticated owner; dropped (is the control endpoint wrapped"
+                " with OwnersOnlyPolicy?)",
+                event="dwtrust.control.unauthenticated",
+                peer=repr(peer),
+            )
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self.owner = peer
+        amp.AMP.connectionMade(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        amp.AMP.connectionLost(self, reason)
+
+    # Lists
+
+    @ListPending.responder
+    def listPending(
+        self, offset: int | None = None, prefix: str | None = None
+    ) -> Deferred[dict[str, str]]:
+        return self._answer(self._listPending(offset, prefix))
+
+    async def _listPending(self, offset: int | None, prefix: str | None) -> str:
+        records, total, start = _chosen(await self.store.pending(), offset, prefix)
+        known: dict[tuple[str, str], list[KeyRecord]] = {}
+        for record in records:
+            name = (record.org, record.service)
+            if name not in known:
+                known[name] = await self.store.keysFor(*name)
+        entries = [pendingEntry(r, known[(r.org, r.service)]) for r in records]
+        return page(entries, start, total)
+
+    @ListPeers.responder
+    def listPeers(
+        self, offset: int | None = None, prefix: str | None = None
+    ) -> Deferred[dict[str, str]]:
+        return self._answer(self._listPeers(offset, prefix))
+
+    async def _listPeers(self, offset: int | None, prefix: str | None) -> str:
+        records, total, start = _chosen(await self.store.decided(), offset, prefix)
+        return page([peerEntry(r) for r in records], start, total)
+
+    def _answer(self, listing: Any) -> Deferred[dict[str, str]]:
+        def failed(failure: Failure) -> Failure:
+            self.log.failure(
+                "dwtrust: a control request failed", failure, event="dwtrust.control"
+            )
+            return Failure(
+                ControlFailed(
+                    f"the service could not answer: {failure.getErrorMessage()}"
+                )
+            )
+
+        answering: Deferred[str] = Deferred.fromCoroutine(listing)
+        return answering.addCallbacks(lambda text: {"page": text}, failed)
+
+    # Decisions
+
+    @Decide.responder
+    def decide(self, decision: bytes) -> Deferred[dict[str, str]]:
+        return Deferred.fromCoroutine(self._decide(decision))
+
+    async def _decide(self, encoded: bytes) -> dict[str, str]:
+        try:
+            decision = SignedDecision.decode(encoded)
+            if decision.state not in STATES:
+                raise DecisionError(f"{decision.state!r} is not a decision")
+            self.owners.verify(decision, self.serviceName)
+            subject = decision.subject()
+        except DecisionError as e:
+            raise self._refuse(str(e), encoded) from None
+        try:
+            existing = await self.store.lookup(decision.fingerprint)
+        except Exception as e:
+            raise self._failed(e) from None
+        if existing is not None and (existing.org, existing.service) != (
+            subject.org,
+            subject.service,
+        ):
+            raise self._refuse(
+                f"the decision names {subject.name}, but {subject.fingerprint}"
+                f" is on record as {existing.org}/{existing.service}",
+                encoded,
+            )
+        try:
+            record = await self.store.record(
+                subject,
+                KeyState(decision.state),
+                existing.source if existing is not None else "",
+                decision.signer,
+                decision.encode(),
+            )
+        except Exception as e:
+            raise self._failed(e) from None
+        self.log.info(
+            "dwtrust: owner {signer} {state} {peer_name} {fingerprint}"
+            " ({reason}), sent by {owner}",
+            event="dwtrust.control.decision",
+            signer=decision.signer,
+            state=decision.state,
+            peer_name=subject.name,
+            fingerprint=subject.fingerprint,
+            reason=decision.reason,
+            owner=self.owner.fingerprint if self.owner else None,
+            previous=existing.state.value if existing is not None else None,
+        )
+        self.bus.decided(decision)
+        return {"peer": dumps(peerEntry(record))}
+
+    def _refuse(self, reason: str, encoded: bytes) -> DecisionRefused:
+        self.log.warn(
+            "dwtrust: REFUSED a decision from {owner}: {reason}",
+            event="dwtrust.control.decision_refused",
+            owner=self.owner.fingerprint if self.owner else None,
+            reason=reason,
+            size=len(encoded),
+        )
+        return DecisionRefused(reason)
+
+    def _failed(self, error: Exception) -> ControlFailed:
+        self.log.failure(
+            "dwtrust: the trust store failed", Failure(error), event="dwtrust.control"
+        )
+        return ControlFailed(f"the trust store failed: {error}")
+
+    # Watching
+
+    @Watch.responder
+    def watch(self) -> dict[str, str]:
+        if self._unwatch is None and self.transport is not None:
+            register = getattr(self.transport, "registerProducer", None)
+            if register is not None:
+                register(self, True)
+            self._unwatch = self.bus.watch(self._notify)
+        return {}
+
+    def _notify(self, message: ControlMessage) -> None:
+        if self.transport is None:
+            return
+        if self._paused:
+            self.dropped += 1
+            return
+        amp.AMP.callRemote(self, Notify, message=encodeMessage(message))
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            self._notify(
+                ControlMessage(
+                    "dropped",
+                    self.serviceName,
+                    "",
+                    attempts=dropped,
+                    reason=f"{dropped} control messages were dropped while this"
+                    " connection was too slow to take them",
+                )
+            )
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+
+class ControlFactory(Factory):
+    """
+    Builds L{ControlServer}s.
+    """
+
+    def __init__(
+        self, store: ITrustStore, bus: ControlBus, owners: Signers, serviceName: str
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.owners = owners
+        self.serviceName = serviceName
+
+    def buildProtocol(self, addr: IAddress | None) -> ControlServer:
+        protocol = ControlServer(self.store, self.bus, self.owners, self.serviceName)
+        protocol.factory = self
+        return protocol
+
+
+def controlFactory(
+    store: ITrustStore, bus: ControlBus, owners: Signers, serviceName: str
+) -> IProtocolFactory:
+    """
+    The factory of a service's control channel, to wrap with an
+    L{Authenticator} whose inbound policy is C{OwnersOnlyPolicy(owners)}:
+
+        authenticator = Authenticator(identity, OwnersOnlyPolicy(owners), None, reactor)
+        authenticator.serverEndpoint(inner).listen(
+            controlFactory(store, bus, owners, identity.name))
+
+    @param owners: the keys whose decisions count: the registered owners
+        (and, if wanted, the service's own key).
+    @param serviceName: the service's C{org/service}; decisions must name it.
+    """
+    return ControlFactory(store, bus, owners, serviceName)
