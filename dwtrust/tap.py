@@ -1,0 +1,433 @@
+"""
+The trust daemon, as C{twistd dwtrust}: an authenticated listener that
+forwards each trusted connection to a local application.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import IO, Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    PredicateResult,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from ._decision import (
+    DecisionError,
+    SignedDecision,
+    Signers,
+    readOwnerKey,
+    registeredOwners,
+)
+from ._endpoints import quoteArgument
+from ._forward import ForwardingFactory
+from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
+from ._policy import ApprovalPolicy, PinningPolicy
+from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
+from .approval import approverFromSpecs, checkApproverSpecs
+from .approval._owners import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_SOURCE,
+    DEFAULT_REQUEST_TTL,
+    OwnersApprover,
+)
+from .control import ControlBus, ControlMessage, OwnersOnlyPolicy, controlFactory
+from .store import KeyRecord, SQLiteStore, StoreError
+from .store._sqlite import ownersInFile
+
+DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
+DEFAULT_LISTEN = "tcp:7443"
+DEFAULT_FORWARD = "tcp:host=127.0.0.1:port=8080"
+CONTROL_SOCKET = "control.sock"
+#: The names a new identity gets when none are given.
+DEFAULT_ORG = "local"
+DEFAULT_SERVICE = "dwtrust"
+
+log = Logger()
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value} is not a positive number of seconds")
+    return number
+
+
+_positive.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the dwtrust trust daemon: listen for dwtrust connections, "
+        "authenticate each peer, and forward trusted connections to a local "
+        "application. Unknown keys wait for the owners' approval, given with "
+        "`dwtrust approve` over the control endpoint. With no options it "
+        f"creates an identity in ~/.dwtrust ({DEFAULT_ORG}/{DEFAULT_SERVICE}), "
+        f"listens on {DEFAULT_LISTEN} and forwards to 127.0.0.1:8080."
+    )
+    optParameters: list[list[Any]] = [
+        ["identity", "i", DEFAULT_IDENTITY, "The identity directory."],
+        ["org", None, None, f"Organization of a new identity [{DEFAULT_ORG}]."],
+        ["service", None, None, f"Service name of a new identity [{DEFAULT_SERVICE}]."],
+        [
+            "algorithm",
+            None,
+            "ed25519",
+            "Key algorithm of a new identity: " + ", ".join(sorted(SHORT_NAMES)) + ".",
+        ],
+        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on for dwtrust peers."],
+        ["forward", "f", DEFAULT_FORWARD, "Endpoint of the local application."],
+        [
+            "control",
+            "c",
+            None,
+            "Endpoint of the owners' control channel"
+            f" [unix:IDENTITY/{CONTROL_SOCKET}].",
+        ],
+        ["store", "s", None, f"The SQLite trust store [IDENTITY/{STORE_FILE}]."],
+        ["audit-log", None, None, "Append audit events to this file, as JSON lines."],
+        [
+            "timeout",
+            None,
+            DEFAULT_TIMEOUT,
+            "Seconds allowed for a handshake.",
+            _positive,
+        ],
+        [
+            "decision-timeout",
+            None,
+            DEFAULT_DECISION_TIMEOUT,
+            "Seconds a connection is held while it waits for a decision.",
+            _positive,
+        ],
+        [
+            "request-ttl",
+            None,
+            DEFAULT_REQUEST_TTL,
+            "Seconds a pending request waits for the owners before it lapses.",
+            _positive,
+        ],
+        ["max-pending", None, DEFAULT_MAX_PENDING, "Pending requests at most.", int],
+        [
+            "max-pending-per-source",
+            None,
+            DEFAULT_MAX_PENDING_PER_SOURCE,
+            "Pending requests from one address at most.",
+            int,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["owners"] = []
+        self["approvers"] = []
+
+    def opt_owner(self, path: str) -> None:
+        """
+        An owner's public key file (OpenSSH format, as `dwtrust keygen`
+        writes it); repeat for several owners.
+        """
+        try:
+            with open(os.path.expanduser(path)) as f:
+                self["owners"].append(readOwnerKey(f.read()))
+        except OSError as e:
+            raise usage.UsageError(f"cannot read the owner key {path}: {e}") from None
+        except DecisionError as e:
+            raise usage.UsageError(f"{path}: {e}") from None
+
+    def opt_approver(self, spec: str) -> None:
+        """
+        Who decides on unknown keys: owners (the default), auto, known-only,
+        deny, webhook:URL or python:module.callable. Repeat to chain them:
+        each may decide, or pass the request on to the next.
+        """
+        self["approvers"].append(spec)
+
+    opt_a = opt_approver
+
+    def postOptions(self) -> None:
+        if self["algorithm"] not in SHORT_NAMES:
+            raise usage.UsageError(
+                f"unknown algorithm {self['algorithm']!r}; choose one of"
+                f" {', '.join(sorted(SHORT_NAMES))}"
+            )
+        if not self["approvers"]:
+            self["approvers"] = ["owners"]
+        try:
+            checkApproverSpecs(self["approvers"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        for name in ["max-pending", "max-pending-per-source"]:
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        self["identity"] = os.path.expanduser(self["identity"])
+        if self["control"] is None:
+            self["control"] = "unix:" + quoteArgument(
+                os.path.join(self["identity"], CONTROL_SOCKET)
+            )
+
+
+class _DaemonService(MultiService):
+    def __init__(
+        self,
+        identity: Identity,
+        store: SQLiteStore,
+        options: Options,
+        owners: Signers,
+    ):
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._identity = identity
+        self._store: SQLiteStore | None = store
+        self._options = options
+        self._owners = owners
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as e:
+            raise SystemExit(
+                f"twistd dwtrust: cannot listen on {e.interface or ''}"
+                f" port {e.port}: {e.socketError}"
+            ) from None
+
+    def startService(self) -> None:
+        """
+        Start every part, or none: if one fails (a port that cannot be had),
+        stop those already started, close the store, and fail.
+        """
+        Service.startService(self)
+        self._started: list[IService] = []
+        try:
+            for child in self:
+                child.startService()
+                self._started.append(child)
+        except BaseException:
+            self.stopService()
+            raise
+        log.info(
+            "dwtrust: {identity} ({fingerprint}) listening on {listen},"
+            " forwarding to {forward}, approvers {approvers}, {owners} owner(s),"
+            " control on {control}",
+            event="dwtrust.daemon.started",
+            identity=self._identity.name,
+            fingerprint=self._identity.fingerprint,
+            listen=self._options["listen"],
+            forward=self._options["forward"],
+            approvers=" then ".join(self._options["approvers"]),
+            owners=len(self._owners),
+            control=self._options["control"],
+        )
+        if "owners" in self._options["approvers"] and not len(self._owners):
+            log.warn(
+                "dwtrust: no owners are registered, so unknown keys will wait"
+                " for approvals nobody can give; register one with --owner",
+                event="dwtrust.daemon.no_owners",
+            )
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop the parts that started, then close the store.  Stopping twice
+        does nothing more.
+        """
+        if self.running:
+            Service.stopService(self)
+        started, self._started = getattr(self, "_started", []), []
+        stopping = gatherResults(
+            [maybeDeferred(child.stopService) for child in reversed(started)]
+        )
+        store, self._store = self._store, None
+        if store is not None:
+            stopping.addBoth(lambda _: store.close())
+        return stopping.addCallback(lambda _: None)
+
+
+class _AuditLog(Service):
+    """
+    Appends every dwtrust event (authentication attempts, decisions, control
+    messages) to a file as JSON lines.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._file: IO[str] | None = None
+        self._observer: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+        os.chmod(self._path, 0o600)
+        self._observer = FilteringLogObserver(
+            jsonFileLogObserver(self._file, recordSeparator=""),
+            [_isAuditEvent],  # type: ignore[list-item]
+        )
+        globalLogPublisher.addObserver(self._observer)
+
+    def stopService(self) -> Any:
+        globalLogPublisher.removeObserver(self._observer)
+        if self._file is not None:
+            self._file.close()
+        return super().stopService()  # type: ignore[no-untyped-call]
+
+
+def _isAuditEvent(event: dict[str, Any]) -> PredicateResult:
+    name = event.get("event")
+    audit = isinstance(name, str) and name.startswith("dwtrust.")
+    result: PredicateResult = PredicateResult.yes if audit else PredicateResult.no
+    return result
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the daemon.  A bad option is reported as a one-line message and an
+    exit status of 1, not a traceback: twistd only handles usage errors
+    while it parses options, which is over by now.
+    """
+    try:
+        return _makeService(options)
+    except usage.UsageError as e:
+        raise SystemExit(f"twistd dwtrust: {e}") from None
+
+
+def _makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    # Check everything given before creating anything.
+    try:
+        listen = serverFromString(reactor, options["listen"])
+        forward = clientFromString(reactor, options["forward"])
+        control = serverFromString(reactor, options["control"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"bad endpoint description: {e}") from None
+    directory = FilePath(options["identity"])
+    # Names given are checked against an existing identity; the defaults only
+    # name a new one.
+    fresh = not directory.child(PRIVATE_KEY_FILE).exists()
+    try:
+        identity, created = Identity.loadOrCreate(
+            directory,
+            options["org"] or (DEFAULT_ORG if fresh else None),
+            options["service"] or (DEFAULT_SERVICE if fresh else None),
+            options["algorithm"],
+        )
+    except IdentityError as e:
+        raise usage.UsageError(str(e)) from None
+    if created:
+        log.info(
+            "dwtrust: created the identity {identity} ({fingerprint}) in {directory}",
+            event="dwtrust.identity.created",
+            identity=identity.name,
+            fingerprint=identity.fingerprint,
+            directory=directory.path,
+        )
+    storePath = FilePath(options["store"] or directory.child(STORE_FILE).path)
+    try:
+        store = SQLiteStore.fromPath(storePath)
+        registrations = ownersInFile(storePath.path)
+    except StoreError as e:
+        raise usage.UsageError(str(e)) from None
+    owners = Signers(o.publicKey for o in options["owners"])
+    for key in registeredOwners(identity, registrations):
+        owners.add(key)
+    bus = ControlBus()
+    try:
+        approver = approverFromSpecs(
+            options["approvers"],
+            OwnersApprover(
+                store,
+                bus,
+                options["request-ttl"],
+                options["max-pending"],
+                options["max-pending-per-source"],
+            ),
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+    clock = IReactorCore(reactor)
+    authenticator = Authenticator(
+        identity,
+        ApprovalPolicy(store, approver, identity, Signers(owners), bus),
+        PinningPolicy(store),
+        clock,  # type: ignore[arg-type]
+        options["timeout"],
+        options["decision-timeout"],
+    )
+    bus.watchDecisions(lambda decision: _closeRefused(authenticator, decision))
+    daemon = _DaemonService(identity, store, options, owners)
+    if options["audit-log"]:
+        _AuditLog(options["audit-log"]).setServiceParent(daemon)  # type: ignore[no-untyped-call]
+    port = StreamServerEndpointService(
+        authenticator.serverEndpoint(listen),
+        ForwardingFactory(forward, options["forward"]),
+    )
+    # Fail at start-up, rather than run without a port, if we cannot listen.
+    port._raiseSynchronously = True
+    port.setServiceParent(daemon)
+    controlAuthenticator = Authenticator(
+        identity,
+        OwnersOnlyPolicy(owners),
+        None,
+        clock,  # type: ignore[arg-type]
+    )
+    controlPort = StreamServerEndpointService(
+        controlAuthenticator.serverEndpoint(control),
+        controlFactory(store, bus, owners, identity.name),
+    )
+    controlPort._raiseSynchronously = True
+    controlPort.setServiceParent(daemon)
+    TimerService(
+        min(60.0, options["request-ttl"] / 4), _expire, store, bus, identity.name
+    ).setServiceParent(daemon)
+    return daemon
+
+
+def _closeRefused(authenticator: Authenticator, decision: SignedDecision) -> None:
+    """
+    A key that is no longer approved loses its open sessions at once.
+    """
+    if decision.state == "approved":
+        return
+    sessions = authenticator.sessionsOf(decision.fingerprint)
+    for session in sessions:
+        session.transport.abortConnection()
+    if sessions:
+        log.info(
+            "dwtrust: closed {count} session(s) of {fingerprint}, now {state}",
+            event="dwtrust.sessions_closed",
+            count=len(sessions),
+            fingerprint=decision.fingerprint,
+            state=decision.state,
+        )
+
+
+def _expire(store: SQLiteStore, bus: ControlBus, service: str) -> Deferred[None]:
+    def expired(lapsed: list[KeyRecord]) -> None:
+        for record in lapsed:
+            bus.publish(
+                ControlMessage.about(
+                    "expired",
+                    service,
+                    record,
+                    source=record.source,
+                    requestId=record.requestId,
+                    reason="the request lapsed without a decision",
+                )
+            )
+
+    def failed(failure: Any) -> None:
+        log.failure("dwtrust: expiring pending requests failed", failure)
+
+    return store.expirePending(time.time()).addCallbacks(expired, failed)
