@@ -24,6 +24,8 @@ from ._wire import WireError, decodeFields, encodeFields
 DECISION_LABEL = b"dwtrust-signed-decision"
 DECISION_VERSION = b"\x01"
 _log = Logger()
+#: How many verified decisions a L{Signers} remembers.
+_MAX_VERIFIED = 10000
 STATES = ("approved", "denied", "revoked", "blocked")
 #: The state of an owner registration: the service's own statement that a
 #: key may decide for it.
@@ -185,11 +187,14 @@ class Signers:
 
     def __init__(self, keys: Iterable[PublicKey] = ()) -> None:
         self._keys: dict[str, PublicKey] = {}
+        #: Decisions that verified, with the keys as they were then.
+        self._verified: dict[tuple[bytes, str], None] = {}
         for key in keys:
             self.add(key)
 
     def add(self, key: PublicKey) -> None:
         self._keys[key.fingerprint] = key
+        self._verified.clear()
 
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._keys
@@ -206,6 +211,15 @@ class Signers:
 
         @raise DecisionError: saying which check failed.
         """
+        remembered = (decision.encode(), service)
+        if remembered in self._verified:
+            return
+        self._check(decision, service)
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[remembered] = None
+
+    def _check(self, decision: SignedDecision, service: str) -> None:
         if decision.service != service:
             raise DecisionError(
                 f"the decision is for {decision.service}, not {service}"

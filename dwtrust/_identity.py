@@ -10,6 +10,7 @@ same ones ``ssh-keygen -lf`` prints.  Every primitive comes from
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -233,10 +234,15 @@ class PublicKey:
     def fromWire(cls, algorithmName: str, blob: bytes) -> PublicKey:
         """
         Parse a key received from a peer, checking that it is well formed,
-        canonically encoded and of the named algorithm.
+        canonically encoded and of the named algorithm.  Keys seen recently
+        are not parsed again: the result is an immutable value.
 
         @raise IdentityError: if any of that is not so.
         """
+        return _parseWire(algorithmName, blob)
+
+    @classmethod
+    def _fromWire(cls, algorithmName: str, blob: bytes) -> PublicKey:
         algorithm = ALGORITHMS.get(algorithmName)
         if algorithm is None:
             raise IdentityError(f"unsupported algorithm {algorithmName!r}")
@@ -308,6 +314,12 @@ class PublicKey:
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         return self.algorithm.verify(self.key, signature, data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parseWire(algorithmName: str, blob: bytes) -> PublicKey:
+    # Failures raise, and lru_cache keeps only successes.
+    return PublicKey._fromWire(algorithmName, blob)
 
 
 def fingerprintOf(blob: bytes) -> str:

@@ -131,7 +131,10 @@ class ApprovalPolicy:
     async def _check(self, peer: PeerIdentity, source: str) -> None:
         record = await self.store.lookup(peer.fingerprint)
         if record is not None and record.state is not KeyState.pending:
-            await self.store.seen(peer.fingerprint, source)
+            # Counting the attempt need not hold up the handshake.
+            self.store.seen(peer.fingerprint, source).addErrback(
+                lambda f: self.log.failure("dwtrust: counting an attempt failed", f)
+            )
             stored = self.verified(record)
             if record.state is not KeyState.approved:
                 # A refusal stands even unsigned: failing closed is safe.

@@ -199,9 +199,9 @@ class _DaemonService(MultiService):
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as e:
+            where = f"{e.interface} port {e.port}" if e.interface else f"port {e.port}"
             raise SystemExit(
-                f"twistd dwtrust: cannot listen on {e.interface or ''}"
-                f" port {e.port}: {e.socketError}"
+                f"twistd dwtrust: cannot listen on {where}: {e.socketError}"
             ) from None
 
     def startService(self) -> None:

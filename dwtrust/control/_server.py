@@ -372,6 +372,8 @@ class ControlFactory(Factory):
     Builds L{ControlServer}s.
     """
 
+    noisy = False
+
     def __init__(
         self, store: ITrustStore, bus: ControlBus, owners: Signers, serviceName: str
     ) -> None:
