@@ -262,14 +262,15 @@ class _AuditLog(Service):
     """
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._file: IO[str] | None = None
-        self._observer: Any = None
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
-        os.chmod(self._path, 0o600)
+        """
+        Start recording at once, so that the events of building the daemon
+        (an identity created, an owner registration ignored) are kept too.
+        """
+        try:
+            self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            os.chmod(path, 0o600)
+        except OSError as e:
+            raise usage.UsageError(f"cannot open the audit log {path}: {e}") from None
         self._observer = FilteringLogObserver(
             jsonFileLogObserver(self._file, recordSeparator=""),
             [_isAuditEvent],  # type: ignore[list-item]
@@ -280,6 +281,7 @@ class _AuditLog(Service):
         globalLogPublisher.removeObserver(self._observer)
         if self._file is not None:
             self._file.close()
+            self._file = None
         return super().stopService()  # type: ignore[no-untyped-call]
 
 
@@ -312,6 +314,7 @@ def _makeService(options: Options) -> IService:
         control = serverFromString(reactor, options["control"])
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"bad endpoint description: {e}") from None
+    audit = _AuditLog(options["audit-log"]) if options["audit-log"] else None
     directory = FilePath(options["identity"])
     # Names given are checked against an existing identity; the defaults only
     # name a new one.
@@ -367,8 +370,8 @@ def _makeService(options: Options) -> IService:
     )
     bus.watchDecisions(lambda decision: _closeRefused(authenticator, decision))
     daemon = _DaemonService(identity, store, options, owners)
-    if options["audit-log"]:
-        _AuditLog(options["audit-log"]).setServiceParent(daemon)  # type: ignore[no-untyped-call]
+    if audit is not None:
+        audit.setServiceParent(daemon)  # type: ignore[no-untyped-call]
     port = StreamServerEndpointService(
         authenticator.serverEndpoint(listen),
         ForwardingFactory(forward, options["forward"]),

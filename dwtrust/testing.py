@@ -41,6 +41,7 @@ from .store import (
     KeyState,
     PendingFull,
     Pin,
+    sourceHost,
 )
 
 #: The address in-memory connections appear to come from.
@@ -130,7 +131,8 @@ class MemoryTrustStore:
             self.seen(peer.fingerprint, source)
             return succeed((self.peers[peer.fingerprint], False))
         pending = [r for r in self.peers.values() if r.state is KeyState.pending]
-        if sum(r.source == source for r in pending) >= maxPerSource:
+        host = sourceHost(source)
+        if sum(sourceHost(r.source) == host for r in pending) >= maxPerSource:
             return fail(PendingFull(f"{source} has too many pending requests"))
         if len(pending) >= maxTotal:
             return fail(PendingFull("too many requests are pending"))

@@ -16,11 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from attrs import frozen
 
@@ -124,6 +125,77 @@ def start_cli(*args: str, input: bytes = b"") -> subprocess.Popen[bytes]:
     process.stdin.close()
     process.stdin = None  # so that communicate() does not flush it
     return process
+
+
+def start_session(*args: str) -> subprocess.Popen[bytes]:
+    """
+    Start C{dwtrust ARGS...} with its standard input left open, for a session
+    that lasts until the test writes to it or closes it; wait for it with
+    L{finish}.
+    """
+    return subprocess.Popen(
+        [DWTRUST, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+class Lines:
+    """
+    The lines a running process writes to one of its pipes, collected by a
+    thread as they come, so that a test can wait for one without blocking
+    on the pipe.
+    """
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        assert pipe is not None, "the pipe was not opened"
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        for line in iter(pipe.readline, b""):
+            with self._lock:
+                self._lines.append(line.decode(errors="replace"))
+
+    def lines(self) -> list[str]:
+        """
+        The lines read so far.
+        """
+        with self._lock:
+            return list(self._lines)
+
+    def text(self) -> str:
+        return "".join(self.lines())
+
+    def wait_for(self, pattern: str, deadline: float = DEADLINE) -> re.Match[str]:
+        """
+        Wait until a line matches the regular expression C{pattern}; return
+        the match.
+        """
+        compiled = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            for line in self.lines():
+                match = compiled.search(line)
+                if match:
+                    return match
+            return None
+
+        return wait_for(
+            found,
+            f"a line matching {pattern!r}",
+            deadline,
+            why=lambda: "read so far:\n" + self.text(),
+        )
+
+    def join(self, timeout: float = DEADLINE) -> None:
+        """
+        Wait for the end of the pipe.
+        """
+        self._thread.join(timeout)
 
 
 def finish(process: subprocess.Popen[bytes]) -> subprocess.CompletedProcess[bytes]:
@@ -323,6 +395,7 @@ class Daemon:
         self.output = directory / f"{name}.out"
         self._process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        self._killed = False
 
     @property
     def address(self) -> str:
@@ -424,6 +497,19 @@ class Daemon:
         self.returncode = process.returncode
         return process.returncode
 
+    def kill(self) -> int:
+        """
+        Send SIGKILL, as a crash would, and wait for the daemon to die; return
+        its status.  Leaving the block afterwards is no failure.
+        """
+        process = self._process
+        assert process is not None
+        self._killed = True
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=DEADLINE)
+        self.returncode = process.returncode
+        return process.returncode
+
     def __exit__(
         self,
         kind: type[BaseException] | None,
@@ -431,7 +517,7 @@ class Daemon:
         traceback: TracebackType | None,
     ) -> None:
         assert self._process is not None
-        died_early = self._process.poll() is not None
+        died_early = self._process.poll() is not None and not self._killed
         self.stop()
         if kind is not None:
             print(self.report())

@@ -27,9 +27,11 @@ from dwtrust.store import (
     ITrustStore,
     KeyRecord,
     KeyState,
+    PendingFull,
     Pin,
     SQLiteStore,
     StoreError,
+    sourceHost,
 )
 from dwtrust.store._sqlite import migrateFile
 from dwtrust.testing import MemoryTrustStore
@@ -325,6 +327,73 @@ class StoreContractMixin:
                 [(p.address, p.fingerprint) for p in pins],
                 [("a.example:1", one.fingerprint), ("b.example:1", two.fingerprint)],
             )
+
+        return Deferred.fromCoroutine(run())
+
+    def test_pendingDeduplicatedPerKey(self) -> Deferred[None]:
+        """
+        A second request for one key counts an attempt on the request already
+        pending, rather than making another.
+        """
+
+        async def run() -> None:
+            store = await self._store(FakeNow(10.0))
+            peer = peerIdentity()
+            _first, created = await store.addPending(peer, "10.0.0.1:1", "a", 99, 5, 5)
+            again, createdAgain = await store.addPending(
+                peer, "10.0.0.1:2", "b", 99, 5, 5
+            )
+            self.assertEqual((created, createdAgain), (True, False))
+            self.assertEqual(again.requestId, "a")
+            self.assertEqual(again.attempts, 2)
+            self.assertEqual(len(await store.pending()), 1)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_pendingCappedPerHost(self) -> Deferred[None]:
+        """
+        The cap per source counts the host, whatever port each connection
+        came from; another host still gets its requests in, up to the total.
+        """
+
+        async def run() -> None:
+            store = await self._store(FakeNow(10.0))
+            for port in range(2):
+                await store.addPending(
+                    peerIdentity(), f"10.0.0.1:{40000 + port}", f"r{port}", 99, 2, 3
+                )
+            error = await self.assertFailure(
+                store.addPending(peerIdentity(), "10.0.0.1:40009", "x", 99, 2, 3),
+                PendingFull,
+            )
+            self.assertIn("10.0.0.1", str(error))
+            await store.addPending(peerIdentity(), "[::1]:40000", "v6", 99, 2, 3)
+            await self.assertFailure(
+                store.addPending(peerIdentity(), "10.0.0.2:1", "y", 99, 2, 3),
+                PendingFull,
+            )
+            self.assertEqual(len(await store.pending()), 3)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_pendingReplacesUnverifiedRow(self) -> Deferred[None]:
+        """
+        A request for a key whose row holds a decision nobody could verify
+        (the policy treats the key as unknown) replaces that row with a
+        pending request, with no decision left in it.
+        """
+
+        async def run() -> None:
+            store = await self._store(FakeNow(10.0))
+            peer = peerIdentity()
+            await store.record(peer, KeyState.approved, "10.0.0.1:1", "forger")
+            record, created = await store.addPending(
+                peer, "10.0.0.1:2", "req", 99, 5, 5
+            )
+            self.assertTrue(created)
+            self.assertIs(record.state, KeyState.pending)
+            self.assertEqual((record.decision, record.decidedBy), (b"", ""))
+            self.assertEqual(record.requestId, "req")
 
         return Deferred.fromCoroutine(run())
 
@@ -625,3 +694,20 @@ class MemoryTrustStoreInterfaceTests(SynchronousTestCase):
         store = MemoryTrustStore()
         self.assertTrue(verifyObject(ITrustStore, store))
         self.assertTrue(verifyObject(IKnownServices, store))
+
+
+class SourceHostTests(SynchronousTestCase):
+    """
+    L{sourceHost}: the host a source address is capped under.
+    """
+
+    def test_hosts(self) -> None:
+        for source, host in [
+            ("10.1.2.3:5678", "10.1.2.3"),
+            ("[::1]:5678", "::1"),
+            ("[2001:db8::7]:443", "2001:db8::7"),
+            ("unix:'/run/x.sock'", "unix:'/run/x.sock'"),
+            ("::1", "::1"),
+            ("10.1.2.3", "10.1.2.3"),
+        ]:
+            self.assertEqual(sourceHost(source), host, source)

@@ -9,6 +9,7 @@ from ._interface import (
     KeyState,
     PendingFull,
     Pin,
+    sourceHost,
 )
 from ._sqlite import SCHEMA_VERSION, SQLiteStore, StoreError
 
@@ -22,4 +23,5 @@ __all__ = [
     "Pin",
     "SQLiteStore",
     "StoreError",
+    "sourceHost",
 ]

@@ -63,6 +63,19 @@ class KeyRecord:
     expires: float = 0.0
 
 
+def sourceHost(source: str) -> str:
+    """
+    The host part of a source address (C{"10.1.2.3:5678"} gives
+    C{"10.1.2.3"}, C{"[::1]:5678"} gives C{"::1"}): pending requests are
+    capped per host, whatever port each connection came from.
+    """
+    if source.startswith("["):
+        host, bracket, _ = source[1:].partition("]")
+        return host if bracket else source
+    host, colon, port = source.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else source
+
+
 class PendingFull(Exception):
     """
     A new pending request would exceed a cap: the message says which.

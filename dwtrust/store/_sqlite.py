@@ -31,6 +31,7 @@ from ._interface import (
     KeyState,
     PendingFull,
     Pin,
+    sourceHost,
 )
 
 #: Each entry takes the schema from its index to the next version.
@@ -66,7 +67,9 @@ MIGRATIONS: Sequence[str] = [
     ALTER TABLE peers ADD COLUMN decision BLOB NOT NULL DEFAULT x'';
     ALTER TABLE peers ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
     ALTER TABLE peers ADD COLUMN expires REAL NOT NULL DEFAULT 0;
-    CREATE INDEX peers_pending_by_source ON peers (source) WHERE state = 'pending';
+    ALTER TABLE peers ADD COLUMN source_host TEXT NOT NULL DEFAULT '';
+    CREATE INDEX peers_pending_by_source ON peers (source_host)
+        WHERE state = 'pending';
     CREATE TABLE owners (
         fingerprint TEXT PRIMARY KEY,
         registration BLOB NOT NULL
@@ -350,33 +353,43 @@ class SQLiteStore:
         maxTotal: int,
     ) -> Deferred[tuple[KeyRecord, bool]]:
         now = self._now()
+        host = sourceHost(source)
 
         def add(cursor: Any) -> tuple[KeyRecord, bool]:
             cursor.execute(
                 "UPDATE peers SET attempts = attempts + 1, last_seen = ?,"
-                " source = ? WHERE fingerprint = ? AND state = 'pending'",
-                (now, source, peer.fingerprint),
+                " source = ?, source_host = ?"
+                " WHERE fingerprint = ? AND state = 'pending'",
+                (now, source, host, peer.fingerprint),
             )
             if cursor.rowcount:
                 return self._fetch(cursor, peer.fingerprint), False
             cursor.execute(
-                "SELECT COUNT(*), COALESCE(SUM(source = ?), 0) FROM peers"
+                "SELECT COUNT(*), COALESCE(SUM(source_host = ?), 0) FROM peers"
                 " WHERE state = 'pending'",
-                (source,),
+                (host,),
             )
             total, fromSource = cursor.fetchone()
             if fromSource >= maxPerSource:
                 raise PendingFull(
-                    f"{source} already has {fromSource} pending requests"
+                    f"{host} already has {fromSource} pending requests"
                     f" (at most {maxPerSource})"
                 )
             if total >= maxTotal:
                 raise PendingFull(
                     f"{total} requests are pending already (at most {maxTotal})"
                 )
+            # A row that is there but not pending is one whose decision did
+            # not verify (its policy treats the key as unknown): the request
+            # replaces it.
             cursor.execute(
-                f"INSERT INTO peers ({_PEER_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, 1, ?, '', x'', ?, ?)",
+                f"INSERT INTO peers ({_PEER_COLUMNS}, source_host)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, 1, ?, '', x'', ?, ?, ?)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET state = 'pending',"
+                " last_seen = excluded.last_seen, attempts = attempts + 1,"
+                " source = excluded.source, source_host = excluded.source_host,"
+                " decided_by = '', decision = x'', request_id = excluded.request_id,"
+                " expires = excluded.expires",
                 (
                     peer.fingerprint,
                     peer.org,
@@ -388,6 +401,7 @@ class SQLiteStore:
                     source,
                     requestId,
                     expires,
+                    host,
                 ),
             )
             return self._fetch(cursor, peer.fingerprint), True
