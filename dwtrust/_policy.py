@@ -78,7 +78,10 @@ class ApprovalPolicy:
         self.store = store
         self.approver = approver
         self.identity = identity
-        self.signers = signers if signers is not None else Signers()
+        # A copy: the service's own key signs its approvers' decisions, but
+        # must not join a set the caller shares (with the control channel,
+        # say, which admits owners only).
+        self.signers = Signers(signers if signers is not None else ())
         self.signers.add(identity.publicKey)
         self.bus = bus
         self._now = now

@@ -362,7 +362,7 @@ def _makeService(options: Options) -> IService:
     clock = IReactorCore(reactor)
     authenticator = Authenticator(
         identity,
-        ApprovalPolicy(store, approver, identity, Signers(owners), bus),
+        ApprovalPolicy(store, approver, identity, owners, bus),
         PinningPolicy(store),
         clock,  # type: ignore[arg-type]
         options["timeout"],

@@ -19,6 +19,7 @@ from dwtrust import (
     PinningPolicy,
     Refusal,
 )
+from dwtrust._decision import Signers
 from dwtrust.approval import (
     ApprovalRequest,
     AutoApprover,
@@ -584,3 +585,17 @@ class PinningPolicyTests(SynchronousTestCase):
                 "dwtrust.identity_changed": LogLevel.warn,
             },
         )
+
+
+class SignersNotSharedTests(SynchronousTestCase):
+    """
+    L{ApprovalPolicy} trusts the service's own key, without adding it to the
+    L{Signers} its caller gave (and may share with the control channel).
+    """
+
+    def test_ownKeyNotAddedToCallersSigners(self) -> None:
+        owners = Signers()
+        service = makeServiceIdentity()
+        policy = ApprovalPolicy(MemoryTrustStore(), FakeApprover(), service, owners)
+        self.assertNotIn(service.fingerprint, owners)
+        self.assertIn(service.fingerprint, policy.signers)
