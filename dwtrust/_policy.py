@@ -7,7 +7,10 @@ its identity — go on, or refuse with which code?
   approver.
 - L{PinningPolicy} answers for a client about the servers it dials: the first
   key seen at an address is pinned, as ssh's C{accept-new}, and a different
-  one later is refused with C{identity_changed}.
+  one later is refused with C{identity_changed}.  A server whose
+  C{org/service} is pinned with the same key under another name (another
+  address, or the C{service:ORG/SERVICE} pseudo-address that
+  L{dwtrust.provisioning.instantiate} installs) is known, even in strict mode.
 """
 
 from __future__ import annotations
@@ -221,7 +224,15 @@ class PinningPolicy:
     """
     A client's policy for the servers it dials.
 
-    @ivar strict: refuse servers with no pin, rather than pinning them.
+    A server is known if its key is pinned for the address dialled, or if its
+    C{org/service} is pinned with the same key under any other name: another
+    address, or the pseudo-address C{service:ORG/SERVICE} (see
+    L{dwtrust.provisioning.instantiate}).  A known server passes, and is
+    pinned for the address dialled too.  A different key for a pinned
+    address, or for a pinned C{org/service}, is refused with
+    C{identity_changed}.
+
+    @ivar strict: refuse servers that are not known, rather than pinning them.
     @ivar expected: if given, the C{org/service} the server must be.
     """
 
@@ -255,10 +266,12 @@ class PinningPolicy:
             ):
                 return
             self._changed(peer, address, f"{pin.org}/{pin.service} {pin.fingerprint}")
+        known = False
         for other in await self.known.pinnedService(peer.org, peer.service):
             if other.fingerprint != peer.fingerprint:
                 self._changed(peer, address, f"{other.fingerprint} at {other.address}")
-        if self.strict:
+            known = True
+        if self.strict and not known:
             raise Refusal(
                 ErrorCode.denied,
                 f"{peer.name} ({peer.fingerprint}) at {address} is not a known"

@@ -5,6 +5,8 @@ The C{dwtrust} command.
     dwtrust show --identity DIR [--json]
     dwtrust connect --identity DIR [--strict] [--expect ORG/NAME] HOST:PORT
     dwtrust forget --identity DIR HOST:PORT
+    dwtrust instantiate --identity CLIENT_DIR --server-identity NEW_SERVER_DIR
+        --org ORG --service NAME [--algorithm ALG] [--store CLIENT_STORE]
 
 An owner's commands, over a service's control endpoint:
 
@@ -60,6 +62,7 @@ from .control import (
     signDecision,
 )
 from .control._protocol import exactly, matches, normalizePrefix
+from .provisioning import INSTANTIATED_BY, instantiate, servicePin
 from .store import SQLiteStore, StoreError
 
 DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
@@ -159,6 +162,48 @@ class ConnectOptions(_AddressOptions):
 class ForgetOptions(_AddressOptions):
     synopsis = "--identity DIR HOST:PORT"
     longdesc = "Remove the pinned server key for HOST:PORT, like ssh-keygen -R."
+
+
+class InstantiateOptions(_IdentityOptions):
+    synopsis = (
+        "--identity CLIENT_DIR --server-identity NEW_SERVER_DIR --org ORG"
+        " --service NAME [--algorithm ALG] [--store CLIENT_STORE]"
+    )
+    longdesc = (
+        "Instantiate a microserver for this microclient: create the server's "
+        "identity in NEW_SERVER_DIR with the client's public key approved in "
+        "its trust store, and install the server's public key in the client's "
+        "known services (as service:ORG/NAME). Their first connection then "
+        "needs no approval in either direction."
+    )
+    optParameters = [
+        *_IdentityOptions.optParameters,
+        ["server-identity", None, None, "The new server's identity directory."],
+        ["org", "o", None, "The new server's organization name."],
+        ["service", "s", None, "The new server's service name."],
+        [
+            "algorithm",
+            "a",
+            "ed25519",
+            "The new server's key: one of " + ", ".join(sorted(SHORT_NAMES)) + ".",
+        ],
+        ["store", None, None, f"The client's trust store [IDENTITY/{STORE_FILE}]."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        for name in ["server-identity", "org", "service"]:
+            if not self[name]:
+                raise usage.UsageError(f"--{name} is required")
+        self["server-identity"] = os.path.expanduser(self["server-identity"])
+
+    @property
+    def serverDirectory(self) -> FilePath[str]:
+        return FilePath(self["server-identity"])
+
+    @property
+    def store(self) -> FilePath[str]:
+        return FilePath(self["store"] or self.directory.child(STORE_FILE).path)
 
 
 class AddOwnerOptions(_IdentityOptions):
@@ -306,6 +351,12 @@ class Options(usage.Options):
         ["peers", None, PeersOptions, "List the keys with a decision."],
         ["watch", None, WatchOptions, "Print control messages as they arrive."],
         ["add-owner", None, AddOwnerOptions, "Register an owner (break-glass)."],
+        [
+            "instantiate",
+            None,
+            InstantiateOptions,
+            "Create a microserver that trusts this client, and pin it.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -945,6 +996,28 @@ async def _addOwner(options: AddOwnerOptions, out: TextIO) -> int:
     return OK
 
 
+async def _instantiate(options: InstantiateOptions, out: TextIO) -> int:
+    client = Identity.load(options.directory)
+    server = await instantiate(
+        client,
+        options.store,
+        options.serverDirectory,
+        options["org"],
+        options["service"],
+        options["algorithm"],
+    )
+    out.write(f"created the microserver identity in {options.serverDirectory.path}\n")
+    _printIdentity(server, False, out)
+    out.write(
+        f"approved {client.name} ({client.fingerprint}) in"
+        f" {options.serverDirectory.child(STORE_FILE).path}: decided by"
+        f" {INSTANTIATED_BY}, signed with {server.name}'s own key\n"
+        f"pinned {server.name} ({server.fingerprint}) as"
+        f" {servicePin(server.org, server.service)} in {options.store.path}\n"
+    )
+    return OK
+
+
 def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
     status = [OK]
 
@@ -955,6 +1028,8 @@ def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
             running = Deferred.fromCoroutine(_control(reactor, options, out, err))
         elif isinstance(options, AddOwnerOptions):
             running = Deferred.fromCoroutine(_addOwner(options, out))
+        elif isinstance(options, InstantiateOptions):
+            running = Deferred.fromCoroutine(_instantiate(options, out))
         else:
             running = Deferred.fromCoroutine(_forget(options, out))  # type: ignore[arg-type]
 
