@@ -1,6 +1,7 @@
 """
 The trust daemon, as C{twistd dwtrust}: an authenticated listener that
-forwards each trusted connection to a local application.
+forwards each trusted connection to a local application, and a client sidecar
+that relays local connections to remote dwtrust peers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ._endpoints import quoteArgument
 from ._forward import ForwardingFactory
 from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
 from ._policy import ApprovalPolicy, PinningPolicy
+from ._sidecar import Mapping, SidecarError, SidecarFactory
 from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
 from .approval import approverFromSpecs, checkApproverSpecs
 from .approval._owners import (
@@ -75,8 +77,9 @@ class Options(usage.Options):
         "Run the dwtrust trust daemon: listen for dwtrust connections, "
         "authenticate each peer, and forward trusted connections to a local "
         "application. Unknown keys wait for the owners' approval, given with "
-        "`dwtrust approve` over the control endpoint. With no options it "
-        f"creates an identity in ~/.dwtrust ({DEFAULT_ORG}/{DEFAULT_SERVICE}), "
+        "`dwtrust approve` over the control endpoint. With --connect it is "
+        "also (or, without --listen, only) a client sidecar. With no options "
+        f"it creates an identity in ~/.dwtrust ({DEFAULT_ORG}/{DEFAULT_SERVICE}), "
         f"listens on {DEFAULT_LISTEN} and forwards to 127.0.0.1:8080."
     )
     optParameters: list[list[Any]] = [
@@ -89,7 +92,13 @@ class Options(usage.Options):
             "ed25519",
             "Key algorithm of a new identity: " + ", ".join(sorted(SHORT_NAMES)) + ".",
         ],
-        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on for dwtrust peers."],
+        [
+            "listen",
+            "l",
+            None,
+            f"Endpoint to listen on for dwtrust peers [{DEFAULT_LISTEN}; with"
+            " --connect, none unless given].",
+        ],
         ["forward", "f", DEFAULT_FORWARD, "Endpoint of the local application."],
         [
             "control",
@@ -135,6 +144,7 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["owners"] = []
         self["approvers"] = []
+        self["connect"] = []
 
     def opt_owner(self, path: str) -> None:
         """
@@ -159,6 +169,18 @@ class Options(usage.Options):
 
     opt_a = opt_approver
 
+    def opt_connect(self, mapping: str) -> None:
+        """
+        LOCAL_ENDPOINT=REMOTE_HOST:PORT: listen on LOCAL_ENDPOINT and relay
+        each connection to the dwtrust peer at REMOTE (split at the last
+        '='; REMOTE may also be a client endpoint description without '=').
+        Repeatable.
+        """
+        try:
+            self["connect"].append(Mapping.parse(mapping))
+        except SidecarError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         if self["algorithm"] not in SHORT_NAMES:
             raise usage.UsageError(
@@ -174,6 +196,8 @@ class Options(usage.Options):
         for name in ["max-pending", "max-pending-per-source"]:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if self["listen"] is None and not self["connect"]:
+            self["listen"] = DEFAULT_LISTEN
         self["identity"] = os.path.expanduser(self["identity"])
         if self["control"] is None:
             self["control"] = "unix:" + quoteArgument(
@@ -218,20 +242,40 @@ class _DaemonService(MultiService):
         except BaseException:
             self.stopService()
             raise
+        listen = self._options["listen"]
+        mappings: list[Mapping] = self._options["connect"]
+        doing = []
+        if listen is not None:
+            doing.append(
+                f"listening on {listen}, forwarding to {self._options['forward']},"
+                f" approvers {' then '.join(self._options['approvers'])}"
+            )
+        else:
+            doing.append("not listening for dwtrust peers")
+        if mappings:
+            doing.append(
+                "client sidecar "
+                + ", ".join(f"{m.local} -> {m.remote}" for m in mappings)
+            )
         log.info(
-            "dwtrust: {identity} ({fingerprint}) listening on {listen},"
-            " forwarding to {forward}, approvers {approvers}, {owners} owner(s),"
+            "dwtrust: {identity} ({fingerprint}) {doing}, {owners} owner(s),"
             " control on {control}",
             event="dwtrust.daemon.started",
             identity=self._identity.name,
             fingerprint=self._identity.fingerprint,
-            listen=self._options["listen"],
-            forward=self._options["forward"],
+            doing=", ".join(doing),
+            listen=listen,
+            forward=self._options["forward"] if listen is not None else None,
+            connect=[{"local": m.local, "remote": m.remote} for m in mappings],
             approvers=" then ".join(self._options["approvers"]),
             owners=len(self._owners),
             control=self._options["control"],
         )
-        if "owners" in self._options["approvers"] and not len(self._owners):
+        if (
+            listen is not None
+            and "owners" in self._options["approvers"]
+            and not len(self._owners)
+        ):
             log.warn(
                 "dwtrust: no owners are registered, so unknown keys will wait"
                 " for approvals nobody can give; register one with --owner",
@@ -308,12 +352,22 @@ def _makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     # Check everything given before creating anything.
+    mappings: list[Mapping] = options["connect"]
     try:
-        listen = serverFromString(reactor, options["listen"])
+        listen = (
+            None
+            if options["listen"] is None
+            else serverFromString(reactor, options["listen"])
+        )
         forward = clientFromString(reactor, options["forward"])
         control = serverFromString(reactor, options["control"])
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"bad endpoint description: {e}") from None
+    try:
+        for mapping in mappings:
+            mapping.check(reactor)
+    except SidecarError as e:
+        raise usage.UsageError(str(e)) from None
     audit = _AuditLog(options["audit-log"]) if options["audit-log"] else None
     directory = FilePath(options["identity"])
     # Names given are checked against an existing identity; the defaults only
@@ -372,13 +426,24 @@ def _makeService(options: Options) -> IService:
     daemon = _DaemonService(identity, store, options, owners)
     if audit is not None:
         audit.setServiceParent(daemon)  # type: ignore[no-untyped-call]
-    port = StreamServerEndpointService(
-        authenticator.serverEndpoint(listen),
-        ForwardingFactory(forward, options["forward"]),
-    )
-    # Fail at start-up, rather than run without a port, if we cannot listen.
-    port._raiseSynchronously = True
-    port.setServiceParent(daemon)
+    if listen is not None:
+        port = StreamServerEndpointService(
+            authenticator.serverEndpoint(listen),
+            ForwardingFactory(forward, options["forward"]),
+        )
+        # Fail at start-up, rather than run without a port, if we cannot listen.
+        port._raiseSynchronously = True
+        port.setServiceParent(daemon)
+    for mapping in mappings:
+        remote = authenticator.clientEndpoint(
+            clientFromString(reactor, mapping.remoteDescription), mapping.remote
+        )
+        local = StreamServerEndpointService(
+            serverFromString(reactor, mapping.local),
+            SidecarFactory(remote, mapping.remote, clock),  # type: ignore[arg-type]
+        )
+        local._raiseSynchronously = True
+        local.setServiceParent(daemon)
     controlAuthenticator = Authenticator(
         identity,
         OwnersOnlyPolicy(owners),

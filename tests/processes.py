@@ -380,12 +380,22 @@ class Daemon:
     sends it SIGTERM and waits for it to exit; if the block failed, the
     daemon's log is printed, so pytest shows it with the failure.  A daemon
     that died before it was told to stop is a failure of its own.
+
+    With C{listen=False} there is no C{--listen} (a pure client sidecar, given
+    C{--connect}): entering waits for its start-up line instead.
     """
 
     _started = 0
 
-    def __init__(self, directory: Path, *options: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *options: str,
+        port: int | None = None,
+        listen: bool = True,
+    ) -> None:
         Daemon._started += 1
+        self.listen = listen
         self.directory = directory
         self.options = options
         self.port = free_port() if port is None else port
@@ -426,8 +436,11 @@ class Daemon:
             "--pidfile",
             str(self.pidfile),
             "dwtrust",
-            "--listen",
-            f"tcp:{self.port}:interface={LOOPBACK}",
+            *(
+                ["--listen", f"tcp:{self.port}:interface={LOOPBACK}"]
+                if self.listen
+                else []
+            ),
             *self.options,
         ]
 
@@ -461,6 +474,9 @@ class Daemon:
                 cwd=self.directory,
             )
         try:
+            if not self.listen:
+                self.wait_for_log(r"dwtrust: .* client sidecar ")
+                return self
             self.wait_for_log(r"listening on tcp:")
 
             def listening() -> bool:
