@@ -883,7 +883,7 @@ async def _watch(
 
     def shutdown() -> Deferred[None]:
         stopping[0] = True
-        return client.close()
+        return client.close(reactor)
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
 
@@ -950,7 +950,7 @@ async def _control(
             out.write(text)
         return OK
     finally:
-        await client.close()
+        await client.close(reactor)
 
 
 def _explainRefusal(failure: HandshakeFailed, options: usage.Options) -> str:

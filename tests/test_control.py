@@ -743,3 +743,42 @@ class CommandsTests(SynchronousTestCase):
             },
         )
         self.assertEqual(ListPending.commandName, b"ListPending")
+
+
+class BoundedCloseTests(SynchronousTestCase):
+    """
+    L{ControlClient.close} never waits forever for a service that does not
+    finish closing: after its grace period it aborts.
+    """
+
+    def test_abortsAfterGrace(self) -> None:
+        from twisted.internet.task import Clock
+
+        from dwtrust.control._client import CLOSE_GRACE, ControlClient
+
+        calls: list[str] = []
+        closed: Deferred[None] = Deferred()
+
+        class Transport:
+            def loseConnection(self) -> None:
+                calls.append("lose")
+
+            def abortConnection(self) -> None:
+                calls.append("abort")
+                closed.callback(None)
+
+        class Protocol:
+            transport = Transport()
+
+            def whenClosed(self) -> Deferred[None]:
+                return closed
+
+        clock = Clock()
+        client = ControlClient(Protocol(), None)  # type: ignore[arg-type]
+        closing = client.close(clock)
+        self.assertEqual(calls, ["lose"])
+        self.assertNoResult(closing)
+        clock.advance(CLOSE_GRACE)
+        self.assertEqual(calls, ["lose", "abort"])
+        self.successResultOf(closing)
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -23,6 +23,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -108,6 +109,10 @@ class ControlProtocol(amp.AMP):
         waiting: Deferred[None] = Deferred()
         self._closing.append(waiting)
         return waiting
+
+
+#: Seconds a closing control connection may take before it is aborted.
+CLOSE_GRACE = 2.0
 
 
 class ControlClient:
@@ -198,13 +203,31 @@ class ControlClient:
         """
         return self.protocol.whenClosed()
 
-    def close(self) -> Deferred[None]:
+    def close(
+        self, clock: IReactorTime | None = None, grace: float = CLOSE_GRACE
+    ) -> Deferred[None]:
         """
-        Close the connection; fire once it is closed.
+        Close the connection; fire once it is closed.  If C{clock} is given
+        and the service has not finished closing (TLS waits for its
+        C{close_notify}) within C{grace} seconds, the connection is aborted,
+        so that a command never hangs on its way out.
         """
         closed = self.protocol.whenClosed()
-        if self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.loseConnection()
+            if clock is not None:
+                late = clock.callLater(
+                    grace,
+                    transport.abortConnection,  # type: ignore[attr-defined]
+                )
+
+                def done(result: object) -> object:
+                    if late.active():
+                        late.cancel()
+                    return result
+
+                closed.addBoth(done)
         return closed
 
 
