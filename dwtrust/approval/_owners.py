@@ -9,7 +9,8 @@ import secrets
 import time
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._decision import SignedDecision
@@ -30,6 +31,18 @@ def newRequestId() -> str:
     A short random identifier, easy to type by a unique prefix.
     """
     return secrets.token_hex(5)
+
+
+def _stop(waiting: Deferred[SignedDecision]) -> None:
+    """
+    Stop a wait nobody needs: its cancellation is no error to log.
+    """
+
+    def cancelled(failure: Failure) -> None:
+        failure.trap(CancelledError)
+
+    waiting.addErrback(cancelled)
+    waiting.cancel()
 
 
 @implementer(IApprover)
@@ -77,10 +90,10 @@ class OwnersApprover:
                 self.maxPending,
             )
         except PendingFull as e:
-            waiting.cancel()
+            _stop(waiting)
             raise Refusal(ErrorCode.unavailable, str(e)) from None
         except BaseException:
-            waiting.cancel()
+            _stop(waiting)
             raise
         if created:
             known = await self.store.keysFor(peer.org, peer.service)
