@@ -30,6 +30,9 @@ STATES = ("approved", "denied", "revoked", "blocked")
 #: The state of an owner registration: the service's own statement that a
 #: key may decide for it.
 OWNER = "owner"
+#: An owner's answer to a service router's request for the service's key
+#: (see L{dwtrust.provisioning}): hand it over, or not.  Never stored.
+KEY_RELEASE_STATES = ("release", "withhold")
 
 
 class DecisionError(Exception):
@@ -49,7 +52,9 @@ class SignedDecision:
     @ivar subjectService: the subject's service name.
     @ivar algorithm: the subject key's algorithm name.
     @ivar publicKey: the subject key, OpenSSH wire format.
-    @ivar state: C{approved}, C{denied}, C{revoked} or C{blocked}.
+    @ivar state: C{approved}, C{denied}, C{revoked} or C{blocked}; C{owner}
+        for an owner registration; C{release} or C{withhold} for an answer to
+        a key request.
     @ivar decidedAt: when, in whole POSIX seconds.
     @ivar reason: why, in the decider's words.
     @ivar signer: the fingerprint of the key that signed.
@@ -81,7 +86,7 @@ class SignedDecision:
         """
         Sign a decision about C{subject} for C{service}.
         """
-        if state not in (*STATES, OWNER):
+        if state not in (*STATES, OWNER, *KEY_RELEASE_STATES):
             raise DecisionError(f"unknown decision {state!r}")
         unsigned = cls(
             service,

@@ -1,11 +1,14 @@
 """
 Forwarding: the daemon's application protocol, which relays each
 authenticated connection to a local application over a plain endpoint, with
-flow control in both directions.
+flow control in both directions.  With several endpoints (instances of the
+application behind a service router), connections go to each in turn, and
+to the next one when one cannot be reached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -56,7 +59,13 @@ class ForwardingProtocol(Protocol):
         self.transport.pauseProducing()
         relays = Factory.forProtocol(lambda: _Relay(self))
         relays.noisy = False
-        connecting = self._connecting = self.factory.target.connect(relays)
+        self._relays = relays
+        self._targets = self.factory.inTurn()
+        self._connect()
+
+    def _connect(self) -> None:
+        self._target, self._targetDescription = self._targets.pop(0)
+        connecting = self._connecting = self._target.connect(self._relays)
         connecting.addCallbacks(self._connected, self._failed)
 
     def localConnected(self, local: ITransport) -> None:
@@ -82,9 +91,12 @@ class ForwardingProtocol(Protocol):
         self._log.error(
             "dwtrust: cannot reach the local application at {target}: {error}",
             event="dwtrust.forward.failed",
-            target=self.factory.targetDescription,
+            target=self._targetDescription,
             error=failure.getErrorMessage(),
         )
+        if self._targets and not self._closed:
+            self._connect()
+            return
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -106,6 +118,27 @@ class ForwardingFactory(Factory):
     protocol = ForwardingProtocol  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, target: IStreamClientEndpoint, targetDescription: str) -> None:
-        self.target = target
-        self.targetDescription = targetDescription
+    def __init__(self, targets: Sequence[tuple[IStreamClientEndpoint, str]]) -> None:
+        """
+        @param targets: the application's endpoints, each with its
+            description (for the log).
+        """
+        if not targets:
+            raise ValueError("forwarding needs at least one endpoint")
+        self.targets = list(targets)
+        self._next = 0
+
+    def nextTarget(self) -> tuple[IStreamClientEndpoint, str]:
+        """
+        The endpoint whose turn it is.
+        """
+        return self.inTurn()[0]
+
+    def inTurn(self) -> list[tuple[IStreamClientEndpoint, str]]:
+        """
+        Every endpoint, starting with the one whose turn it is (the order a
+        connection tries them in), and the turn passes to the next one.
+        """
+        start = self._next % len(self.targets)
+        self._next += 1
+        return self.targets[start:] + self.targets[:start]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from ._decision import DecisionError, SignedDecision, Signers
@@ -28,7 +29,7 @@ from ._machine import Refusal
 from ._wire import ErrorCode
 from .approval import ApprovalRequest, Decision, IApprover
 from .control import ControlBus, ControlMessage
-from .store import IKnownServices, ITrustStore, KeyRecord, KeyState
+from .store import IKnownServices, ITrustStore, KeyRecord, KeyState, StoreUnavailable
 
 _REFUSED_STATES = {
     KeyState.denied: ErrorCode.denied,
@@ -94,7 +95,33 @@ class ApprovalPolicy:
         return self.identity.name
 
     def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._check(peer, source))
+        checking = Deferred.fromCoroutine(self._check(peer, source))
+        return checking.addErrback(self._unavailable, peer, source)
+
+    def _unavailable(self, failure: Failure, peer: PeerIdentity, source: str) -> None:
+        """
+        A store that cannot be reached (a shared store in an outage) refuses
+        the peer with C{unavailable}: one line in the log, no traceback.
+        """
+        failure.trap(StoreUnavailable)
+        self.log.warn(
+            "dwtrust: REFUSED {peer_name} {fingerprint} from {source}: {reason}",
+            event="dwtrust.store_unavailable",
+            peer_name=peer.name,
+            fingerprint=peer.fingerprint,
+            source=source,
+            reason=failure.getErrorMessage(),
+        )
+        raise Refusal(
+            ErrorCode.unavailable,
+            "the trust store is unavailable; try again later",
+        )
+
+    def _countFailed(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            # The store says so itself, once per outage.
+            return
+        self.log.failure("dwtrust: counting an attempt failed", failure)
 
     def verified(self, record: KeyRecord) -> SignedDecision | None:
         """
@@ -138,9 +165,7 @@ class ApprovalPolicy:
         record = await self.store.lookup(peer.fingerprint)
         if record is not None and record.state is not KeyState.pending:
             # Counting the attempt need not hold up the handshake.
-            self.store.seen(peer.fingerprint, source).addErrback(
-                lambda f: self.log.failure("dwtrust: counting an attempt failed", f)
-            )
+            self.store.seen(peer.fingerprint, source).addErrback(self._countFailed)
             stored = self.verified(record)
             if record.state is not KeyState.approved:
                 # A refusal stands even unsigned: failing closed is safe.

@@ -17,6 +17,12 @@ An owner's commands, over a service's control endpoint:
     dwtrust revoke --control ENDPOINT --identity OWNER_DIR FINGERPRINT
     dwtrust peers --control ENDPOINT --identity OWNER_DIR [--json]
     dwtrust watch --control ENDPOINT --identity OWNER_DIR [--json]
+    dwtrust join-token --control ENDPOINT --identity OWNER_DIR [--ttl 10m]
+
+Provisioning (see L{dwtrust.provisioning}):
+
+    dwtrust clone --join TOKEN --identity NEW_DIR [--store PATH]
+    dwtrust request-key --identity ROUTER_DIR [--into DIR] HOST:PORT
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from ._decision import DecisionError, SignedDecision, readOwnerKey, registerOwner
-from ._identity import SHORT_NAMES, Identity, IdentityError
+from ._identity import SHORT_NAMES, Identity, IdentityError, PeerIdentity
 from ._policy import PinningPolicy
 from ._protocol import HandshakeFailed
+from ._sidecar import remoteDescription
 from ._wire import EXPLANATIONS, ErrorCode
 from ._wrap import DEFAULT_TIMEOUT, STORE_FILE, Authenticator
 from .control import (
@@ -61,9 +68,21 @@ from .control import (
     openControl,
     signDecision,
 )
-from .control._protocol import exactly, matches, normalizePrefix
-from .provisioning import INSTANTIATED_BY, instantiate, servicePin
-from .store import SQLiteStore, StoreError
+from .control._protocol import NotAnOwner, exactly, matches, normalizePrefix
+from .provisioning import (
+    INSTANTIATED_BY,
+    JoinError,
+    JoinRefused,
+    JoinToken,
+    KeyRequestRefused,
+    clone,
+    instantiate,
+    issueJoinToken,
+    requestKey,
+    servicePin,
+)
+from .store import SQLiteStore, StoreError, migrateStore
+from .store._open import redacted
 
 DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
 
@@ -336,6 +355,129 @@ class RevokeOptions(_DecideOptions):
     )
 
 
+class MigrateOptions(usage.Options):
+    synopsis = "--store PATH_OR_URL"
+    longdesc = (
+        "Create or upgrade the schema of a trust store: a SQLite file, or a "
+        "postgresql:// URL. Prints the schema version before and after."
+    )
+    optParameters: list[list[Any]] = [
+        ["store", None, None, "The trust store: a SQLite file or a postgresql:// URL."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["store"]:
+            raise usage.UsageError("--store is required")
+
+
+def migrate(options: MigrateOptions, out: TextIO, err: TextIO) -> int:
+    """
+    C{dwtrust migrate}: bring a store's schema up to date.
+    """
+    where = redacted(options["store"])
+    try:
+        before, after = migrateStore(options["store"])
+    except StoreError as e:
+        err.write(f"dwtrust: {e}\n")
+        return FAILED
+    if before == after:
+        out.write(f"{where}: schema version {after}, up to date\n")
+    else:
+        out.write(f"{where}: schema version {before} -> {after}\n")
+    return OK
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    scale = units.get(text[-1:].lower(), 0)
+    number = float(text[:-1] if scale else text)
+    if not number > 0:
+        raise ValueError(f"{text} is not a positive duration")
+    return number * (scale or 1)
+
+
+_duration.coerceDoc = "Seconds, or a number with s, m or h."  # type: ignore[attr-defined]
+
+
+class JoinTokenOptions(_ControlOptions):
+    synopsis = "--control ENDPOINT --identity OWNER_DIR [--ttl 10m] [--via ENDPOINT]"
+    longdesc = (
+        "Take a one-time join token from a running instance, as one of its"
+        " owners. A new instance started with it (twistd dwtrust --join TOKEN,"
+        " or dwtrust clone --join TOKEN) receives the service's key, owners and"
+        " decisions from that instance. The token alone goes to standard"
+        " output; keep it secret, it is a key to the key."
+    )
+    optParameters = [
+        *_ControlOptions.optParameters,
+        ["ttl", None, 600.0, "How long the token lives (at most 24h).", _duration],
+        [
+            "via",
+            None,
+            None,
+            "The endpoint a new instance dials for this instance's control"
+            " endpoint, if not the one given with --control (HOST:PORT or an"
+            " endpoint description).",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self["via"] = controlAddress(self["via"])[0] if self["via"] else self["control"]
+
+
+class CloneOptions(_IdentityOptions):
+    synopsis = "--join TOKEN --identity NEW_DIR [--store PATH] [--instance NAME]"
+    longdesc = (
+        "Become a new instance of a service: dial the running instance a join"
+        " token names, redeem the token, and receive the service's key (0600),"
+        " its owners and its signed decisions into NEW_DIR, a new or empty"
+        " directory. Nothing is written unless all of it arrives and checks out."
+    )
+    optParameters = [
+        *_IdentityOptions.optParameters,
+        ["join", "j", None, "The join token, or - to read it from standard input."],
+        [
+            "store",
+            None,
+            None,
+            "The trust store: one that exists (shared by the instances on this"
+            " host) is used as it is; otherwise it is made with what arrives"
+            f" [IDENTITY/{STORE_FILE}].",
+        ],
+        ["instance", None, None, "This instance's name in the service's audit log."],
+        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for the handshake.", float],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not self["join"]:
+            raise usage.UsageError("--join is required")
+        if self["store"]:
+            self["store"] = os.path.expanduser(self["store"])
+
+
+class RequestKeyOptions(_AddressOptions):
+    synopsis = "--identity ROUTER_DIR [--into DIR] [--instance NAME] HOST:PORT"
+    longdesc = (
+        "As a service router, ask the service whose control endpoint is at"
+        " HOST:PORT for its key. Its owners are asked; the command waits for"
+        " their answer, and on release writes the service's identity into a"
+        " new directory, from which twistd dwtrust can serve as the service."
+    )
+    optParameters = [
+        *_AddressOptions.optParameters,
+        [
+            "into",
+            None,
+            None,
+            "Where to write the service's identity [ROUTER_DIR/services/ORG/SERVICE].",
+        ],
+        ["instance", None, None, "This router's name in the service's audit log."],
+        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for the handshake.", float],
+    ]
+
+
 class Options(usage.Options):
     synopsis = "COMMAND [options]"
     subCommands = [
@@ -351,6 +493,15 @@ class Options(usage.Options):
         ["peers", None, PeersOptions, "List the keys with a decision."],
         ["watch", None, WatchOptions, "Print control messages as they arrive."],
         ["add-owner", None, AddOwnerOptions, "Register an owner (break-glass)."],
+        ["join-token", None, JoinTokenOptions, "Take a token for a new instance."],
+        ["clone", None, CloneOptions, "Become a new instance, with a join token."],
+        [
+            "request-key",
+            None,
+            RequestKeyOptions,
+            "Ask a service's owners for its key (routers).",
+        ],
+        ["migrate", None, MigrateOptions, "Create or upgrade a trust store's schema."],
         [
             "instantiate",
             None,
@@ -405,12 +556,7 @@ def _address(address: str) -> tuple[str, str]:
     The endpoint description and pin name for C{HOST:PORT} (or an endpoint
     description, used as it is).
     """
-    host, sep, port = address.rpartition(":")
-    if sep and host and port.isdigit() and "=" not in address:
-        host = host.strip("[]")
-        description = f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
-        return description, address
-    return address, address
+    return remoteDescription(address), address
 
 
 class _StdioBridge(Protocol):
@@ -639,6 +785,12 @@ def formatPending(listing: Listing, service: str) -> str:
     output = [header]
     for entry, line in zip(listing.entries, lines, strict=True):
         output.append(line)
+        if entry.get("kind") == "key_request":
+            output.append(
+                f"{indent}asks for {_printable(service)}'s private key, to serve as"
+                f" it (router {_printable(entry.get('instance', ''))}): approve"
+                " releases the key to it alone, deny withholds it"
+            )
         for known in entry.get("knownKeys", []):
             output.append(
                 f"{indent}{_name(entry)} already has"
@@ -812,6 +964,14 @@ def describeDecision(decision: SignedDecision, entry: dict[str, Any]) -> str:
     What a decision command did, in one line.
     """
     request = f" (request {entry['id']})" if entry.get("id") else ""
+    if decision.state in ("release", "withhold"):
+        done = "released" if decision.state == "release" else "withheld"
+        return _printable(
+            f"{done} {decision.service}'s key"
+            f" {'to' if decision.state == 'release' else 'from'}"
+            f" {decision.org}/{decision.subjectService} {decision.fingerprint}"
+            f"{request}, signed by {decision.signer}"
+        )
     return _printable(
         f"{decision.state} {decision.org}/{decision.subjectService}"
         f" {decision.fingerprint}{request} for {decision.service},"
@@ -841,7 +1001,16 @@ async def _decideCommand(
     client: ControlClient, identity: Identity, options: _DecideOptions, out: TextIO
 ) -> int:
     entry = await _target(client, options)
-    if entry.get("state") == options.state:
+    state = options.state
+    if entry.get("kind") == "key_request":
+        answers = {"approved": "release", "denied": "withhold"}
+        if state not in answers:
+            raise CommandError(
+                f"{_printable(options['target'])!r} is a key request: approve"
+                " (release the key) or deny (withhold it)"
+            )
+        state = answers[state]
+    elif entry.get("state") == options.state:
         out.write(
             _printable(
                 f"{entry['org']}/{entry['service']} {entry['fingerprint']} is"
@@ -855,7 +1024,7 @@ async def _decideCommand(
             identity,
             client.service,
             entry,
-            options.state,
+            state,
             time.time(),
             options["reason"],
         )
@@ -938,6 +1107,8 @@ async def _control(
             return await _watch(reactor, client, options, out, err)
         if isinstance(options, _DecideOptions):
             return await _decideCommand(client, identity, options, out)
+        if isinstance(options, JoinTokenOptions):
+            return await _joinToken(client, options, out, err)
         if isinstance(options, PendingOptions):
             listing = await client.pending()
             kind, text = "pending", formatPending(listing, client.service)
@@ -965,13 +1136,117 @@ def _explainRefusal(failure: HandshakeFailed, options: usage.Options) -> str:
         f"dwtrust: {who}: {failure.code.value}: {failure.message}\n"
         f"dwtrust: ({explanation})\n"
     )
-    if failure.code is ErrorCode.identity_changed and not failure.byPeer:
+    if (
+        failure.code is ErrorCode.identity_changed
+        and not failure.byPeer
+        and options.get("address")
+    ):
         text += (
             "dwtrust: if the server's key was replaced on purpose, forget the old"
             f" one with: dwtrust forget --identity {options['identity']}"
             f" {options['address']}\n"
         )
     return text
+
+
+async def _joinToken(
+    client: ControlClient, options: JoinTokenOptions, out: TextIO, err: TextIO
+) -> int:
+    token = await issueJoinToken(client, options["ttl"], options["via"])
+    if options["json"]:
+        _writeJSON(
+            out,
+            {
+                "token": token.encode(),
+                "tokenId": token.tokenId,
+                "service": client.service,
+                "fingerprint": token.fingerprint,
+                "endpoint": token.endpoint,
+                "expires": token.expires,
+            },
+        )
+    else:
+        out.write(token.encode() + "\n")
+    err.write(
+        _printable(
+            f"dwtrust: join token {token.tokenId[:8]} for {client.service}"
+            f" ({token.fingerprint}), for one new instance, until"
+            f" {isoTime(token.expires)}; it dials {token.endpoint}"
+        )
+        + "\ndwtrust: start the instance with: twistd -n dwtrust --identity NEW_DIR"
+        " --join TOKEN  (or: dwtrust clone --identity NEW_DIR --join TOKEN)\n"
+    )
+    return OK
+
+
+async def _clone(reactor: Any, options: CloneOptions, out: TextIO) -> int:
+    text = sys.stdin.read() if options["join"] == "-" else options["join"]
+    token = JoinToken.parse(text)
+    store = FilePath(options["store"]) if options["store"] else None
+    identity = await clone(
+        reactor,
+        token,
+        options.directory,
+        store,
+        options["instance"],
+        options["timeout"],
+    )
+    out.write(
+        f"joined {identity.name} ({identity.fingerprint}) from {token.endpoint}:"
+        f" its identity is in {options.directory.path}, trust store"
+        f" {(store or options.directory.child(STORE_FILE)).path}\n"
+    )
+    return OK
+
+
+async def _requestKey(
+    reactor: Any, options: RequestKeyOptions, out: TextIO, err: TextIO
+) -> int:
+    router = Identity.load(options.directory)
+    description, pinName = _address(options["address"])
+    try:
+        clientFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CommandError(f"bad address {options['address']!r}: {e}") from None
+
+    def into(peer: PeerIdentity) -> FilePath[str]:
+        if options["into"]:
+            return FilePath(os.path.expanduser(options["into"]))
+        return options.directory.child("services").child(peer.org).child(peer.service)
+
+    def waiting(peer: PeerIdentity, requestId: str, expires: float) -> None:
+        err.write(
+            _printable(
+                f"dwtrust: asked {peer.name}'s owners for its key (request"
+                f" {requestId}); waiting for them until {isoTime(expires)}"
+            )
+            + "\n"
+        )
+        err.flush()
+
+    pins = await SQLiteStore.open(options.store)
+    try:
+        service = await requestKey(
+            reactor,
+            router,
+            pins,
+            description,
+            pinName,
+            into,
+            options["instance"],
+            waiting,
+            options["timeout"],
+        )
+    except ConnectError as e:
+        raise CommandError(f"cannot reach {options['address']}: {e}") from None
+    finally:
+        await pins.close()
+    where = into(PeerIdentity(service.org, service.service, service.publicKey))
+    out.write(
+        f"an owner released {service.name}'s key ({service.fingerprint}): its"
+        f" identity is in {where.path}\n"
+    )
+    return OK
 
 
 async def _addOwner(options: AddOwnerOptions, out: TextIO) -> int:
@@ -1030,6 +1305,10 @@ def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
             running = Deferred.fromCoroutine(_addOwner(options, out))
         elif isinstance(options, InstantiateOptions):
             running = Deferred.fromCoroutine(_instantiate(options, out))
+        elif isinstance(options, CloneOptions):
+            running = Deferred.fromCoroutine(_clone(reactor, options, out))
+        elif isinstance(options, RequestKeyOptions):
+            running = Deferred.fromCoroutine(_requestKey(reactor, options, out, err))
         else:
             running = Deferred.fromCoroutine(_forget(options, out))  # type: ignore[arg-type]
 
@@ -1038,16 +1317,23 @@ def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
                 status[0] = result
 
         def failed(failure: Failure) -> None:
+            # Whatever happens here, the command did not succeed.
+            status[0] = FAILED
             if failure.check(DecisionRefused):
                 err.write(
                     "dwtrust: the service refused the decision:"
                     f" {failure.getErrorMessage()}\n"
                 )
                 status[0] = REFUSED
+            elif failure.check(JoinRefused, KeyRequestRefused, NotAnOwner):
+                err.write(f"dwtrust: refused: {failure.getErrorMessage()}\n")
+                status[0] = REFUSED
             elif failure.check(HandshakeFailed):
                 err.write(_explainRefusal(failure.value, options))  # type: ignore[arg-type]
                 status[0] = REFUSED
-            elif failure.check(CommandError, IdentityError, StoreError, ControlFailed):
+            elif failure.check(
+                CommandError, IdentityError, StoreError, ControlFailed, JoinError
+            ):
                 err.write(f"dwtrust: {failure.getErrorMessage()}\n")
                 status[0] = FAILED
             else:
@@ -1084,7 +1370,13 @@ def main(
             return keygen(command, out)
         if isinstance(command, ShowOptions):
             return show(command, out)
+        if isinstance(command, MigrateOptions):
+            return migrate(command, out, err)
     except (IdentityError, CommandError) as e:
         err.write(f"dwtrust: {e}\n")
         return FAILED
     return _runReactorCommand(command, err, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,8 @@ that relays local connections to remote dwtrust peers.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import IO, Any
 
@@ -46,9 +48,24 @@ from .approval._owners import (
     DEFAULT_REQUEST_TTL,
     OwnersApprover,
 )
-from .control import ControlBus, ControlMessage, OwnersOnlyPolicy, controlFactory
-from .store import KeyRecord, SQLiteStore, StoreError
-from .store._sqlite import ownersInFile
+from .control import (
+    ControlBus,
+    ControlMessage,
+    ControlPolicy,
+    OwnersOnlyPolicy,
+    controlFactory,
+)
+from .provisioning import JoinError, JoinToken, Provisioning
+from .store import (
+    DEFAULT_POOL_SIZE,
+    AnyStore,
+    IStoreEvents,
+    KeyRecord,
+    KeyState,
+    StoreChange,
+    StoreError,
+    openStoreAtStartup,
+)
 
 DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
 DEFAULT_LISTEN = "tcp:7443"
@@ -99,15 +116,35 @@ class Options(usage.Options):
             f"Endpoint to listen on for dwtrust peers [{DEFAULT_LISTEN}; with"
             " --connect, none unless given].",
         ],
-        ["forward", "f", DEFAULT_FORWARD, "Endpoint of the local application."],
         [
             "control",
             "c",
             None,
-            "Endpoint of the owners' control channel"
-            f" [unix:IDENTITY/{CONTROL_SOCKET}].",
+            "Endpoint of the control channel, for owners, new instances and"
+            f" service routers [unix:IDENTITY/{CONTROL_SOCKET}].",
         ],
-        ["store", "s", None, f"The SQLite trust store [IDENTITY/{STORE_FILE}]."],
+        [
+            "join",
+            None,
+            None,
+            "Start as a new instance of a running one: a join token from"
+            " `dwtrust join-token`, or - to read it from standard input. Ignored"
+            " once IDENTITY holds the service's key.",
+        ],
+        [
+            "store",
+            "s",
+            None,
+            "The trust store: a SQLite file, or a postgresql:// URL for a store"
+            f" shared by a fleet of instances [IDENTITY/{STORE_FILE}].",
+        ],
+        [
+            "store-pool",
+            None,
+            DEFAULT_POOL_SIZE,
+            "Connections to a PostgreSQL store, at most.",
+            int,
+        ],
         ["audit-log", None, None, "Append audit events to this file, as JSON lines."],
         [
             "timeout",
@@ -140,11 +177,31 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags = [
+        [
+            "no-provisioning",
+            None,
+            "Admit only the owners on the control endpoint: no join tokens,"
+            " no key requests from service routers.",
+        ],
+    ]
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["owners"] = []
         self["approvers"] = []
         self["connect"] = []
+        self["forward"] = []
+
+    def opt_forward(self, endpoint: str) -> None:
+        """
+        Endpoint of the local application [tcp:host=127.0.0.1:port=8080].
+        Repeat for several instances: each connection goes to the next, in
+        turn, and to the one after if it cannot be reached.
+        """
+        self["forward"].append(endpoint)
+
+    opt_f = opt_forward
 
     def opt_owner(self, path: str) -> None:
         """
@@ -193,11 +250,13 @@ class Options(usage.Options):
             checkApproverSpecs(self["approvers"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        for name in ["max-pending", "max-pending-per-source"]:
+        for name in ["max-pending", "max-pending-per-source", "store-pool"]:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if self["listen"] is None and not self["connect"]:
             self["listen"] = DEFAULT_LISTEN
+        if not self["forward"]:
+            self["forward"] = [DEFAULT_FORWARD]
         self["identity"] = os.path.expanduser(self["identity"])
         if self["control"] is None:
             self["control"] = "unix:" + quoteArgument(
@@ -209,13 +268,13 @@ class _DaemonService(MultiService):
     def __init__(
         self,
         identity: Identity,
-        store: SQLiteStore,
+        store: AnyStore,
         options: Options,
         owners: Signers,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         self._identity = identity
-        self._store: SQLiteStore | None = store
+        self._store: AnyStore | None = store
         self._options = options
         self._owners = owners
 
@@ -247,7 +306,8 @@ class _DaemonService(MultiService):
         doing = []
         if listen is not None:
             doing.append(
-                f"listening on {listen}, forwarding to {self._options['forward']},"
+                f"listening on {listen}, forwarding to"
+                f" {' and '.join(self._options['forward'])},"
                 f" approvers {' then '.join(self._options['approvers'])}"
             )
         else:
@@ -359,7 +419,9 @@ def _makeService(options: Options) -> IService:
             if options["listen"] is None
             else serverFromString(reactor, options["listen"])
         )
-        forward = clientFromString(reactor, options["forward"])
+        forward = [
+            (clientFromString(reactor, target), target) for target in options["forward"]
+        ]
         control = serverFromString(reactor, options["control"])
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"bad endpoint description: {e}") from None
@@ -370,6 +432,8 @@ def _makeService(options: Options) -> IService:
         raise usage.UsageError(str(e)) from None
     audit = _AuditLog(options["audit-log"]) if options["audit-log"] else None
     directory = FilePath(options["identity"])
+    if options["join"] is not None:
+        _join(options["join"], directory, options["store"])
     # Names given are checked against an existing identity; the defaults only
     # name a new one.
     fresh = not directory.child(PRIVATE_KEY_FILE).exists()
@@ -390,10 +454,11 @@ def _makeService(options: Options) -> IService:
             fingerprint=identity.fingerprint,
             directory=directory.path,
         )
-    storePath = FilePath(options["store"] or directory.child(STORE_FILE).path)
     try:
-        store = SQLiteStore.fromPath(storePath)
-        registrations = ownersInFile(storePath.path)
+        store, registrations = openStoreAtStartup(
+            options["store"] or directory.child(STORE_FILE).path,
+            options["store-pool"],
+        )
     except StoreError as e:
         raise usage.UsageError(str(e)) from None
     owners = Signers(o.publicKey for o in options["owners"])
@@ -414,22 +479,25 @@ def _makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     clock = IReactorCore(reactor)
+    policy = ApprovalPolicy(store, approver, identity, owners, bus)
     authenticator = Authenticator(
         identity,
-        ApprovalPolicy(store, approver, identity, owners, bus),
+        policy,
         PinningPolicy(store),
         clock,  # type: ignore[arg-type]
         options["timeout"],
         options["decision-timeout"],
     )
     bus.watchDecisions(lambda decision: _closeRefused(authenticator, decision))
+    if IStoreEvents.providedBy(store):
+        _watchFleet(store, policy, bus, authenticator)
     daemon = _DaemonService(identity, store, options, owners)
     if audit is not None:
         audit.setServiceParent(daemon)  # type: ignore[no-untyped-call]
     if listen is not None:
         port = StreamServerEndpointService(
             authenticator.serverEndpoint(listen),
-            ForwardingFactory(forward, options["forward"]),
+            ForwardingFactory(forward),
         )
         # Fail at start-up, rather than run without a port, if we cannot listen.
         port._raiseSynchronously = True
@@ -444,15 +512,29 @@ def _makeService(options: Options) -> IService:
         )
         local._raiseSynchronously = True
         local.setServiceParent(daemon)
+    provisioning = (
+        None
+        if options["no-provisioning"]
+        else Provisioning(
+            identity,
+            store,
+            bus,
+            clock,  # type: ignore[arg-type]
+            options["request-ttl"],
+            options["max-pending"],
+            options["max-pending-per-source"],
+            options["owners"],
+        )
+    )
     controlAuthenticator = Authenticator(
         identity,
-        OwnersOnlyPolicy(owners),
+        OwnersOnlyPolicy(owners) if provisioning is None else ControlPolicy(),
         None,
         clock,  # type: ignore[arg-type]
     )
     controlPort = StreamServerEndpointService(
         controlAuthenticator.serverEndpoint(control),
-        controlFactory(store, bus, owners, identity.name),
+        controlFactory(store, bus, owners, identity.name, provisioning),
     )
     controlPort._raiseSynchronously = True
     controlPort.setServiceParent(daemon)
@@ -462,13 +544,67 @@ def _makeService(options: Options) -> IService:
     return daemon
 
 
+def _join(text: str, directory: FilePath[str], store: str | None) -> None:
+    """
+    Make C{directory} an instance of the service a join token names, with
+    C{dwtrust clone}, before the reactor runs; or nothing, if it already
+    holds that service's key (a restart with the same command line).
+    """
+    token = sys.stdin.read() if text == "-" else text
+    try:
+        parsed = JoinToken.parse(token)
+    except JoinError as e:
+        raise usage.UsageError(f"--join: {e}") from None
+    if directory.child(PRIVATE_KEY_FILE).exists():
+        try:
+            existing = Identity.load(directory)
+        except IdentityError as e:
+            raise usage.UsageError(str(e)) from None
+        if existing.fingerprint != parsed.fingerprint:
+            raise usage.UsageError(
+                f"--join: {directory.path} holds {existing.name}"
+                f" {existing.fingerprint}, not the key the token names"
+                f" ({parsed.fingerprint})"
+            )
+        log.info(
+            "dwtrust: {directory} already holds {identity}; the join token is not used",
+            event="dwtrust.join.skipped",
+            directory=directory.path,
+            identity=existing.name,
+        )
+        return
+    command = [sys.executable, "-m", "dwtrust.cli", "clone", "--join", "-"]
+    command += ["--identity", directory.path]
+    if store is not None and "://" not in store:
+        command += ["--store", store]
+    # The token goes through a pipe, not the command line, which other
+    # local users can read.
+    cloning = subprocess.run(
+        command, input=token, capture_output=True, text=True, check=False
+    )
+    if cloning.returncode != 0:
+        lines = cloning.stderr.strip().splitlines() or ["dwtrust clone failed"]
+        raise usage.UsageError("--join: " + " ".join(lines).removeprefix("dwtrust: "))
+    log.info(
+        "dwtrust: joined: {directory} now holds the service's key (token {token_id})",
+        event="dwtrust.join.joined",
+        directory=directory.path,
+        token_id=parsed.tokenId[:8],
+        output=cloning.stdout.strip(),
+    )
+
+
 def _closeRefused(authenticator: Authenticator, decision: SignedDecision) -> None:
     """
     A key that is no longer approved loses its open sessions at once.
     """
     if decision.state == "approved":
         return
-    sessions = authenticator.sessionsOf(decision.fingerprint)
+    _closeSessions(authenticator, decision.fingerprint, decision.state)
+
+
+def _closeSessions(authenticator: Authenticator, fingerprint: str, state: str) -> None:
+    sessions = authenticator.sessionsOf(fingerprint)
     for session in sessions:
         session.transport.abortConnection()
     if sessions:
@@ -476,12 +612,55 @@ def _closeRefused(authenticator: Authenticator, decision: SignedDecision) -> Non
             "dwtrust: closed {count} session(s) of {fingerprint}, now {state}",
             event="dwtrust.sessions_closed",
             count=len(sessions),
-            fingerprint=decision.fingerprint,
-            state=decision.state,
+            fingerprint=fingerprint,
+            state=state,
         )
 
 
-def _expire(store: SQLiteStore, bus: ControlBus, service: str) -> Deferred[None]:
+def _watchFleet(
+    store: IStoreEvents,
+    policy: ApprovalPolicy,
+    bus: ControlBus,
+    authenticator: Authenticator,
+) -> None:
+    """
+    Act on what the other instances sharing the store do: a decision made
+    through any of them is verified here as a stored one would be, then
+    wakes the connections held here for it, or closes this key's sessions
+    here; a request raised by another instance is told to the owners
+    watching this one.  This instance's own changes are acted on already.
+    """
+
+    def changed(change: StoreChange) -> None:
+        record = change.record
+        if change.local or record is None:
+            return
+        if change.kind == "pending" and record.state is KeyState.pending:
+            bus.publish(
+                ControlMessage.about(
+                    "approval_requested",
+                    policy.serviceName,
+                    record,
+                    source=record.source,
+                    requestId=record.requestId,
+                    firstSeen=record.firstSeen,
+                    attempts=record.attempts,
+                    reason=f"{record.org}/{record.service} wants to connect to"
+                    f" {policy.serviceName} (asked through another instance)",
+                )
+            )
+        elif change.kind == "decided" and record.state is not KeyState.pending:
+            decision = policy.verified(record)
+            if decision is not None:
+                bus.decided(decision)
+            elif record.state is not KeyState.approved:
+                # A refusal stands even unsigned: failing closed is safe.
+                _closeSessions(authenticator, record.fingerprint, record.state.value)
+
+    store.watch(changed)
+
+
+def _expire(store: AnyStore, bus: ControlBus, service: str) -> Deferred[None]:
     def expired(lapsed: list[KeyRecord]) -> None:
         for record in lapsed:
             bus.publish(

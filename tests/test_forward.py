@@ -97,7 +97,7 @@ class ForwardingProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events = observe(self)
         self.endpoint = FakeEndpoint()
-        factory = ForwardingFactory(self.endpoint, TARGET)
+        factory = ForwardingFactory([(self.endpoint, TARGET)])
         self.protocol = cast(ForwardingProtocol, factory.buildProtocol(PEER))
         self.assertIsInstance(self.protocol, ForwardingProtocol)
         self.peer = StringTransportWithDisconnection(peerAddress=PEER)

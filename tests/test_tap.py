@@ -100,7 +100,7 @@ class OptionsTests(SynchronousTestCase):
         """
         options = parse()
         self.assertEqual(options["listen"], "tcp:7443")
-        self.assertEqual(options["forward"], "tcp:host=127.0.0.1:port=8080")
+        self.assertEqual(options["forward"], ["tcp:host=127.0.0.1:port=8080"])
         self.assertEqual(options["approvers"], ["owners"])
         self.assertEqual(options["owners"], [])
         self.assertEqual(
@@ -416,7 +416,7 @@ class MakeServiceTests(TestCase):
             self.assertIsInstance(port.endpoint, ServerEndpoint)
             self.assertIsInstance(port.factory, ForwardingFactory)
             self.assertEqual(
-                port.factory.targetDescription, "tcp:host=127.0.0.1:port=9999"
+                [d for _, d in port.factory.targets], ["tcp:host=127.0.0.1:port=9999"]
             )
 
         return Deferred.fromCoroutine(run())

@@ -22,6 +22,7 @@ from ._protocol import (
     DecisionRefused,
     ListPeers,
     ListPending,
+    NotAnOwner,
     Notify,
     Watch,
 )
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
         signDecision,
         subjectOf,
     )
-    from ._server import ControlServer, OwnersOnlyPolicy, controlFactory
+    from ._server import ControlPolicy, ControlServer, OwnersOnlyPolicy, controlFactory
 
 # The server and client ends build on the trust policies and the
 # Authenticator, which themselves use the bus: they are loaded on first use,
@@ -47,6 +48,7 @@ _LAZY = {
     "openControl": "._client",
     "signDecision": "._client",
     "subjectOf": "._client",
+    "ControlPolicy": "._server",
     "ControlServer": "._server",
     "OwnersOnlyPolicy": "._server",
     "controlFactory": "._server",
@@ -67,6 +69,7 @@ __all__ = [
     "ControlClient",
     "ControlFailed",
     "ControlMessage",
+    "ControlPolicy",
     "ControlProtocol",
     "ControlServer",
     "Decide",
@@ -74,6 +77,7 @@ __all__ = [
     "ListPeers",
     "ListPending",
     "Listing",
+    "NotAnOwner",
     "Notify",
     "OwnersOnlyPolicy",
     "Watch",

@@ -53,7 +53,18 @@ class ControlFailed(Exception):
     """
 
 
-_ERRORS: dict[type[Exception], bytes] = {ControlFailed: b"CONTROL_FAILED"}
+class NotAnOwner(Exception):
+    """
+    An owner's command from a key that is not a registered owner (a new
+    instance or a service router, which may use the provisioning commands
+    only).
+    """
+
+
+_ERRORS: dict[type[Exception], bytes] = {
+    ControlFailed: b"CONTROL_FAILED",
+    NotAnOwner: b"NOT_AN_OWNER",
+}
 
 
 class ListPending(amp.Command):
@@ -107,6 +118,7 @@ class Watch(amp.Command):
 
     arguments = []
     response = []
+    errors = _ERRORS
 
 
 class Notify(amp.Command):

@@ -11,7 +11,7 @@ sign, once it has checked their signatures.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
@@ -21,11 +21,21 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._decision import STATES, DecisionError, SignedDecision, Signers
+from .._decision import (
+    KEY_RELEASE_STATES,
+    STATES,
+    DecisionError,
+    SignedDecision,
+    Signers,
+)
 from .._identity import IdentityError, PeerIdentity, PublicKey
 from .._machine import Refusal
 from .._policy import ITrustPolicy
+from .._protocol import _describe
 from .._wire import ErrorCode
+from ..provisioning._commands import IssueJoinToken, KeyRequestRefused
+from ..provisioning._server import KeyRequest, Provisioning, keyRequestEntry
+from ..provisioning._tokens import JoinError
 from ..store import ITrustStore, KeyRecord, KeyState
 from ._bus import ControlBus, ControlMessage
 from ._protocol import (
@@ -77,6 +87,23 @@ class OwnersOnlyPolicy:
                 f"{peer.fingerprint} is not a registered owner of this service",
             )
         )
+
+
+@implementer(ITrustPolicy)
+class ControlPolicy:
+    """
+    The daemon's control channel policy: every authenticated key goes on.
+    A registered owner's gets the owners' commands; any other key (a new
+    instance with a join token, a service router asking for the key) gets
+    the provisioning commands only, which release nothing without an
+    owner's say (see L{dwtrust.provisioning}).  Nothing is stored.
+
+    Use L{OwnersOnlyPolicy} for a control channel that refuses other keys at
+    the handshake.
+    """
+
+    def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
+        return succeed(None)
 
 
 def openSSHLine(record: KeyRecord) -> str:
@@ -141,9 +168,20 @@ def pendingEntry(record: KeyRecord, known: Sequence[KeyRecord]) -> dict[str, Any
     }
 
 
+class _Listed(Protocol):
+    @property
+    def requestId(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_Listed)
+
+
 def _chosen(
-    records: list[KeyRecord], offset: int | None, prefix: str | None
-) -> tuple[list[KeyRecord], int, int]:
+    records: list[_T], offset: int | None, prefix: str | None
+) -> tuple[list[_T], int, int]:
     """
     The records a page may hold: those C{prefix} matches, from C{offset} on.
 
@@ -164,6 +202,9 @@ class ControlServer(amp.AMP):
     L{OwnersOnlyPolicy}; as a second line of defence, it drops any connection
     whose authenticated peer is not a registered owner.
 
+    A key that is not an owner's gets the provisioning commands only, if the
+    service provisions (C{provisioning}); otherwise it is dropped.
+
     While it watches, it is its transport's producer: when the owner reads
     too slowly for the messages to flow, they are counted, not buffered, and
     the owner is told how many were dropped once the connection flows again.
@@ -182,8 +223,10 @@ class ControlServer(amp.AMP):
         bus: ControlBus,
         owners: Signers,
         serviceName: str,
+        provisioning: Provisioning | None = None,
     ) -> None:
         amp.AMP.__init__(self)
+        self.provisioning = provisioning
         self.store = store
         self.bus = bus
         self.owners = owners
@@ -195,6 +238,17 @@ class ControlServer(amp.AMP):
 
     def connectionMade(self) -> None:
         peer = getattr(self.transport, "peer", None)
+        if (
+            isinstance(peer, PeerIdentity)
+            and peer.fingerprint not in self.owners
+            and self.provisioning is not None
+            and self.transport is not None
+        ):
+            self.locator = self.provisioning.locator(
+                peer, _describe(self.transport.getPeer())
+            )
+            amp.AMP.connectionMade(self)
+            return
         if not isinstance(peer, PeerIdentity) or peer.fingerprint not in self.owners:
             self.log.error(
                 "dwtrust: a control connection from {peer} is not an"
@@ -213,6 +267,8 @@ class ControlServer(amp.AMP):
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+        if self.locator is not self:
+            self.locator.connectionLost()
         amp.AMP.connectionLost(self, reason)
 
     # Lists
@@ -224,13 +280,20 @@ class ControlServer(amp.AMP):
         return self._answer(self._listPending(offset, prefix))
 
     async def _listPending(self, offset: int | None, prefix: str | None) -> str:
-        records, total, start = _chosen(await self.store.pending(), offset, prefix)
+        pending: list[KeyRecord | KeyRequest] = [*await self.store.pending()]
+        if self.provisioning is not None:
+            pending.extend(self.provisioning.keyRequests)
+        chosen, total, start = _chosen(pending, offset, prefix)
         known: dict[tuple[str, str], list[KeyRecord]] = {}
-        for record in records:
-            name = (record.org, record.service)
+        entries = []
+        for item in chosen:
+            if not isinstance(item, KeyRecord):
+                entries.append(keyRequestEntry(item))
+                continue
+            name = (item.org, item.service)
             if name not in known:
                 known[name] = await self.store.keysFor(*name)
-        entries = [pendingEntry(r, known[(r.org, r.service)]) for r in records]
+            entries.append(pendingEntry(item, known[name]))
         return page(entries, start, total)
 
     @ListPeers.responder
@@ -266,12 +329,22 @@ class ControlServer(amp.AMP):
     async def _decide(self, encoded: bytes) -> dict[str, str]:
         try:
             decision = SignedDecision.decode(encoded)
-            if decision.state not in STATES:
+            answers = KEY_RELEASE_STATES if self.provisioning is not None else ()
+            if decision.state not in (*STATES, *answers):
                 raise DecisionError(f"{decision.state!r} is not a decision")
             self.owners.verify(decision, self.serviceName)
             subject = decision.subject()
         except DecisionError as e:
             raise self._refuse(str(e), encoded) from None
+        if self.provisioning is not None and decision.state in KEY_RELEASE_STATES:
+            try:
+                request = self.provisioning.keyRequests.decide(decision)
+            except KeyRequestRefused as e:
+                raise self._refuse(str(e), encoded) from None
+            entry = keyRequestEntry(request)
+            entry["state"] = decision.state
+            entry["decidedBy"] = decision.signer
+            return {"peer": dumps(entry)}
         try:
             existing = await self.store.lookup(decision.fingerprint)
         except Exception as e:
@@ -309,6 +382,26 @@ class ControlServer(amp.AMP):
         )
         self.bus.decided(decision)
         return {"peer": dumps(peerEntry(record))}
+
+    # Join tokens
+
+    @IssueJoinToken.responder
+    def issueJoinToken(self, ttl: float) -> dict[str, Any]:
+        if self.provisioning is None or self.owner is None:
+            raise JoinError("this service does not provision new instances")
+        tokenId, secret, expires = self.provisioning.tokens.issue(
+            ttl, self.owner.fingerprint
+        )
+        self.log.info(
+            "dwtrust: owner {owner} took join token {token_id} for"
+            " {service}, good for one new instance until {expires}",
+            event="dwtrust.join.token_issued",
+            owner=self.owner.fingerprint,
+            token_id=tokenId[:8],
+            service=self.serviceName,
+            expires=expires,
+        )
+        return {"tokenId": tokenId, "secret": secret, "expires": expires}
 
     def _refuse(self, reason: str, encoded: bytes) -> DecisionRefused:
         self.log.warn(
@@ -375,21 +468,33 @@ class ControlFactory(Factory):
     noisy = False
 
     def __init__(
-        self, store: ITrustStore, bus: ControlBus, owners: Signers, serviceName: str
+        self,
+        store: ITrustStore,
+        bus: ControlBus,
+        owners: Signers,
+        serviceName: str,
+        provisioning: Provisioning | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
         self.owners = owners
         self.serviceName = serviceName
+        self.provisioning = provisioning
 
     def buildProtocol(self, addr: IAddress | None) -> ControlServer:
-        protocol = ControlServer(self.store, self.bus, self.owners, self.serviceName)
+        protocol = ControlServer(
+            self.store, self.bus, self.owners, self.serviceName, self.provisioning
+        )
         protocol.factory = self
         return protocol
 
 
 def controlFactory(
-    store: ITrustStore, bus: ControlBus, owners: Signers, serviceName: str
+    store: ITrustStore,
+    bus: ControlBus,
+    owners: Signers,
+    serviceName: str,
+    provisioning: Provisioning | None = None,
 ) -> IProtocolFactory:
     """
     The factory of a service's control channel, to wrap with an
@@ -402,5 +507,9 @@ def controlFactory(
     @param owners: the keys whose decisions count: the registered owners
         (and, if wanted, the service's own key).
     @param serviceName: the service's C{org/service}; decisions must name it.
+    @param provisioning: if given, owners may issue join tokens and answer
+        key requests, and keys that are not owners' may use the provisioning
+        commands (wrap with L{ControlPolicy} rather than L{OwnersOnlyPolicy}
+        then).
     """
-    return ControlFactory(store, bus, owners, serviceName)
+    return ControlFactory(store, bus, owners, serviceName, provisioning)

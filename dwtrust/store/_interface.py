@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -218,4 +219,37 @@ class IKnownServices(Interface):
     def unpin(address: str) -> Deferred[bool]:
         """
         Forget the pin for C{address}; fire with whether there was one.
+        """
+
+
+@frozen
+class StoreChange:
+    """
+    A change to a store shared with other instances, as it was announced.
+
+    @ivar kind: C{decided} (a key's decision was stored), C{pending} (a new
+        pending request) or C{owner} (an owner registration).
+    @ivar fingerprint: the key concerned (the owner's, for C{owner}).
+    @ivar record: the key's record as read after the change (L{None} if it
+        is gone, or for C{owner}).
+    @ivar local: whether this store object made the change itself.
+    """
+
+    kind: str
+    fingerprint: str
+    record: KeyRecord | None
+    local: bool
+
+
+class IStoreEvents(Interface):
+    """
+    A store shared by several instances, which announces what changes in it.
+    """
+
+    def watch(watcher: Callable[[StoreChange], object]) -> Callable[[], None]:
+        """
+        Call C{watcher} (in the reactor thread) with every change from now
+        on, from this instance or any other.
+
+        @return: a function that stops it.
         """

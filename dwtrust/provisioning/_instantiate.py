@@ -1,5 +1,6 @@
 """
-Provisioning: making new services whose first connections need no approval.
+Microclients instantiate microservers (seed S8): making new services whose
+first connections need no approval.
 
 A microclient (a command-line tool, say, with an identity of its own)
 instantiates a microserver with L{instantiate}, or with::
@@ -21,8 +22,8 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 from twisted.python.filepath import FilePath
 
-from ._decision import SignedDecision
-from ._identity import (
+from .._decision import SignedDecision
+from .._identity import (
     IDENTITY_FILE,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -31,8 +32,8 @@ from ._identity import (
     PeerIdentity,
     validateName,
 )
-from ._wrap import STORE_FILE
-from .store import KeyState, SQLiteStore
+from .._wrap import STORE_FILE
+from ..store import KeyState, SQLiteStore
 
 __all__ = [
     "INSTANTIATED_BY",

@@ -1,0 +1,1098 @@
+"""
+The fleet's trust store: one PostgreSQL database shared by every instance of
+a service, with changes announced to all of them by C{LISTEN}/C{NOTIFY}.
+
+Queries run in a small pool of threads (one connection each, at most
+C{poolSize}), never on the reactor thread.  Every write that others must
+hear about sends its C{NOTIFY} in its own transaction, so that it is
+delivered only if the write commits.  A dedicated connection, in a thread of
+its own, listens, and hands each notification to the reactor.
+
+The store keeps a bounded cache of the decided records it has read,
+refreshed by the notifications.  While the server cannot be reached,
+L{PostgreSQLStore.lookup} answers from that cache for keys it holds, and
+fails with L{StoreUnavailable} for the others; every write fails with
+L{StoreUnavailable}, so that nothing is lost silently.  Both the pool and the
+listener reconnect by themselves.
+
+The schema is the SQLite store's, version for version, and its version is
+kept in the one-row table C{dwtrust_schema}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .._identity import PeerIdentity
+from ._interface import (
+    IKnownServices,
+    IStoreEvents,
+    ITrustStore,
+    KeyRecord,
+    KeyState,
+    PendingFull,
+    Pin,
+    StoreChange,
+    sourceHost,
+)
+from ._open import DEFAULT_POOL_SIZE, StoreUnavailable, redacted
+from ._sqlite import SCHEMA_VERSION, StoreError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    Connection = psycopg.Connection[Any]
+    Cursor = psycopg.Cursor[Any]
+
+T = TypeVar("T")
+
+#: The channel every change is announced on.
+CHANNEL = "dwtrust_changes"
+#: Advisory lock keys: one for migrations, one for new pending requests.
+MIGRATION_LOCK = 0x6477_7472_0001
+PENDING_LOCK = 0x6477_7472_0002
+#: Decided records kept for outages, at most.
+CACHE_SIZE = 100_000
+#: Seconds allowed to open a connection.
+CONNECT_TIMEOUT = 5
+#: The listener's longest wait between attempts to reconnect, in seconds.
+MAX_BACKOFF = 2.0
+#: Seconds the listener waits for notifications before it checks whether it
+#: should stop.
+LISTEN_POLL = 0.25
+#: Times a transaction that lost a serialization conflict is tried again.
+RETRIES = 3
+
+#: Each entry takes the schema from its index to the next version: the same
+#: steps as L{dwtrust.store._sqlite.MIGRATIONS}, in PostgreSQL's types.
+MIGRATIONS: Sequence[str] = [
+    """
+    CREATE TABLE peers (
+        fingerprint TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BYTEA NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'revoked', 'blocked')),
+        first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        source TEXT NOT NULL,
+        decided_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX peers_by_service ON peers (org, service);
+    CREATE TABLE known_services (
+        address TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BYTEA NOT NULL,
+        fingerprint TEXT NOT NULL,
+        first_seen DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX known_services_by_service ON known_services (org, service);
+    """,
+    """
+    ALTER TABLE peers ADD COLUMN decision BYTEA NOT NULL DEFAULT '\\x';
+    ALTER TABLE peers ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE peers ADD COLUMN expires DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE peers ADD COLUMN source_host TEXT NOT NULL DEFAULT '';
+    CREATE INDEX peers_pending_by_source ON peers (source_host)
+        WHERE state = 'pending';
+    CREATE TABLE owners (
+        fingerprint TEXT PRIMARY KEY,
+        registration BYTEA NOT NULL
+    );
+    """,
+]
+assert len(MIGRATIONS) == SCHEMA_VERSION, "the SQLite and PostgreSQL schemas differ"
+
+_PEER_COLUMNS = (
+    "fingerprint, org, service, algorithm, public_key, state, first_seen,"
+    " last_seen, attempts, source, decided_by, decision, request_id, expires"
+)
+_PIN_COLUMNS = "address, org, service, algorithm, public_key, fingerprint, first_seen"
+_SELECT_PEER = f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = %s"
+
+
+def driver() -> Any:
+    """
+    The psycopg module.
+
+    @raise StoreError: if it is not installed, saying how to install it.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError(
+            "a postgresql:// trust store needs psycopg: pip install dwtrust[postgresql]"
+        ) from None
+    return psycopg
+
+
+def _message(error: BaseException) -> str:
+    """
+    The first line of a driver error, without the noise.
+    """
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def connect(url: str) -> Connection:
+    """
+    A new autocommit connection to C{url}.  Blocks.
+
+    @raise StoreUnavailable: if the server cannot be reached.
+    @raise StoreError: if C{url} is not usable.
+    """
+    psycopg = driver()
+    try:
+        connection: Connection = psycopg.connect(
+            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+        )
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(
+            f"the trust store {redacted(url)} is unavailable: {_message(e)}"
+        ) from None
+    except psycopg.Error as e:
+        raise StoreError(
+            f"cannot use the trust store {redacted(url)}: {_message(e)}"
+        ) from None
+    return connection
+
+
+def _version(connection: Connection) -> int | None:
+    """
+    The schema version, or L{None} if there is no schema table yet.
+    """
+    (table,) = connection.execute(
+        "SELECT to_regclass('dwtrust_schema')"
+    ).fetchone() or (None,)
+    if table is None:
+        return None
+    row = connection.execute("SELECT version FROM dwtrust_schema").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _refuseNewer(version: int | None) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the trust store has schema version {version}, newer than"
+            f" this dwtrust's {SCHEMA_VERSION}; upgrade dwtrust"
+        )
+
+
+def migrate(connection: Connection) -> int:
+    """
+    Bring the schema up to L{SCHEMA_VERSION}, one step per transaction, each
+    under an advisory lock, so that several instances starting at once
+    migrate it once.  A database with a newer schema is refused untouched.
+
+    @param connection: an autocommit connection.
+    @return: the version it was at (0 for a new database).
+    @raise StoreError: if the database has a newer schema than this code
+        knows.
+    """
+    start = _version(connection)
+    _refuseNewer(start)
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS dwtrust_schema ("
+            " single BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (single),"
+            " version INTEGER NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO dwtrust_schema (single, version) VALUES (TRUE, 0)"
+            " ON CONFLICT (single) DO NOTHING"
+        )
+    for step in range(SCHEMA_VERSION):
+        with connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            version = _version(connection)
+            _refuseNewer(version)
+            if version == step:
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        connection.execute(statement.encode())
+                connection.execute(
+                    "UPDATE dwtrust_schema SET version = %s", (step + 1,)
+                )
+    return start or 0
+
+
+def migrateURL(url: str) -> int:
+    """
+    Connect to C{url} and L{migrate} its schema.  Blocks: run it in a thread,
+    or before the reactor runs.
+
+    @return: the version it was at.
+    """
+    psycopg = driver()
+    connection = connect(url)
+    try:
+        return migrate(connection)
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(
+            f"the trust store {redacted(url)} failed: {_message(e)}"
+        ) from None
+    except psycopg.Error as e:
+        raise StoreError(
+            f"cannot use the trust store {redacted(url)}: {_message(e)}"
+        ) from None
+    finally:
+        connection.close()
+
+
+def _record(row: Sequence[Any]) -> KeyRecord:
+    values = list(row)
+    values[4] = bytes(values[4])
+    values[5] = KeyState(values[5])
+    values[8] = int(values[8])
+    values[11] = bytes(values[11])
+    return KeyRecord(*values)
+
+
+def _fetch(cursor: Cursor, fingerprint: str) -> KeyRecord:
+    cursor.execute(_SELECT_PEER, (fingerprint,))
+    row = cursor.fetchone()
+    assert row is not None, f"{fingerprint} vanished in its own transaction"
+    return _record(row)
+
+
+def _pin(row: Sequence[Any]) -> Pin:
+    values = list(row)
+    values[4] = bytes(values[4])
+    return Pin(*values)
+
+
+@implementer(ITrustStore, IKnownServices, IStoreEvents)
+class PostgreSQLStore:
+    """
+    The trust store and the client's pins in a PostgreSQL database, shared by
+    many instances.
+
+    @ivar origin: this store object's identifier in the notifications, so
+        that it knows its own changes.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        poolSize: int = DEFAULT_POOL_SIZE,
+        now: Callable[[], float] = time.time,
+        cacheSize: int = CACHE_SIZE,
+        reactor: Any = None,
+    ) -> None:
+        if poolSize < 1:
+            raise ValueError("a pool needs at least one connection")
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self._reactor: Any = reactor
+        self._url = url
+        self.where = redacted(url)
+        self._now = now
+        self.origin = secrets.token_hex(8)
+        self.poolSize = poolSize
+        self._threads = ThreadPool(0, poolSize, name="dwtrust-postgresql")
+        self._shutdown: Any = None
+        self._started = False
+        self._closed = False
+        # Idle connections, each with the listener epoch it was opened in: a
+        # connection older than the listener's latest reconnection may have
+        # been cut by the server, and is not reused.
+        self._idle: list[tuple[Connection, int]] = []
+        self._idleLock = threading.Lock()
+        self._epoch = 0
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._listening = False
+        self._listeners: list[Deferred[None]] = []
+        self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
+        self._cacheSize = cacheSize
+        # Lookups in flight, and the changes announced meanwhile, by key: a
+        # lookup that raced with a change does not fill the cache.
+        self._inflight: dict[str, int] = {}
+        self._changed: dict[str, int] = {}
+        self._watchers: list[Callable[[StoreChange], object]] = []
+        self._available = True
+        self._seenDropped = False
+
+    @classmethod
+    def fromURL(
+        cls,
+        url: str,
+        poolSize: int = DEFAULT_POOL_SIZE,
+        now: Callable[[], float] = time.time,
+    ) -> PostgreSQLStore:
+        """
+        Open the store at C{url} at once.  This blocks while it migrates the
+        schema: call it only before the reactor runs, and L{open} otherwise.
+
+        @raise StoreError: if the database cannot be used.
+        """
+        migrateURL(url)
+        return cls(url, poolSize, now)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        poolSize: int = DEFAULT_POOL_SIZE,
+        now: Callable[[], float] = time.time,
+    ) -> Deferred[PostgreSQLStore]:
+        """
+        Open (creating and migrating as needed) the store at C{url}.
+        """
+        opening: Deferred[int] = threads.deferToThread(migrateURL, url)
+        return opening.addCallback(lambda _: cls(url, poolSize, now))
+
+    def ownersNow(self) -> list[bytes]:
+        """
+        The owner registrations in the store.  Blocks: for start-up, before
+        the reactor runs.
+        """
+        psycopg = driver()
+        connection = connect(self._url)
+        try:
+            rows = connection.execute(
+                "SELECT registration FROM owners ORDER BY fingerprint"
+            ).fetchall()
+        except psycopg.Error as e:
+            raise StoreError(
+                f"cannot read the owners in {self.where}: {_message(e)}"
+            ) from None
+        finally:
+            connection.close()
+        return [bytes(row[0]) for row in rows]
+
+    # Running queries
+
+    def _start(self) -> None:
+        """
+        Start the pool's threads and the listener, once, when first needed:
+        never before the reactor runs (C{twistd} may fork first).
+        """
+        if self._started:
+            return
+        self._started = True
+        self._threads.start()
+        self._shutdown = IReactorCore(self._reactor).addSystemEventTrigger(
+            "during", "shutdown", self._stopThreads
+        )
+        self._listener = threading.Thread(
+            target=self._listen, name="dwtrust-postgresql-listen", daemon=True
+        )
+        self._listener.start()
+
+    def _run(self, work: Callable[[Cursor], T]) -> Deferred[T]:
+        """
+        Run C{work} with a cursor, in one transaction, in a pool thread.
+        """
+        if self._closed:
+            return fail(StoreError(f"the trust store {self.where} is closed"))
+        self._start()
+        running: Deferred[T] = threads.deferToThreadPool(
+            self._reactor, self._threads, self._transact, work
+        )
+
+        def succeeded(result: T) -> T:
+            self._setAvailable(True, "")
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(StoreUnavailable):
+                self._setAvailable(False, failure.getErrorMessage())
+            return failure
+
+        return running.addCallbacks(succeeded, failed)
+
+    def _transact(self, work: Callable[[Cursor], T]) -> T:
+        """
+        In a pool thread: run C{work} in a transaction, trying again with a
+        fresh connection if an idle one turns out to have been cut, and again
+        after a serialization conflict.
+        """
+        psycopg = driver()
+        conflicts = 0
+        while True:
+            connection, epoch, reused = self._checkout()
+            try:
+                with connection.transaction(), connection.cursor() as cursor:
+                    result = work(cursor)
+            except psycopg.errors.TransactionRollback as e:
+                self._checkin(connection, epoch)
+                conflicts += 1
+                if conflicts >= RETRIES:
+                    raise StoreError(
+                        f"the trust store {self.where} failed: {_message(e)}"
+                    ) from None
+            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                self._discard(connection)
+                if not reused:
+                    raise StoreUnavailable(
+                        f"the trust store {self.where} is unavailable: {_message(e)}"
+                    ) from None
+            except psycopg.Error as e:
+                self._checkin(connection, epoch)
+                raise StoreError(
+                    f"the trust store {self.where} failed: {_message(e)}"
+                ) from None
+            except BaseException:
+                self._checkin(connection, epoch)
+                raise
+            else:
+                self._checkin(connection, epoch)
+                return result
+
+    def _checkout(self) -> tuple[Connection, int, bool]:
+        with self._idleLock:
+            while self._idle:
+                connection, epoch = self._idle.pop()
+                if epoch == self._epoch and not connection.broken:
+                    return connection, epoch, True
+                connection.close()
+            epoch = self._epoch
+        return connect(self._url), epoch, False
+
+    def _checkin(self, connection: Connection, epoch: int) -> None:
+        with self._idleLock:
+            if not (self._closed or connection.closed or connection.broken):
+                self._idle.append((connection, epoch))
+                return
+        connection.close()
+
+    def _discard(self, connection: Connection) -> None:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    def _stopThreads(self) -> None:
+        self._stopping.set()
+        if self._started:
+            self._threads.stop()
+        with self._idleLock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            self._discard(connection)
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop listening, stop the pool's threads and close the connections.
+        """
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        self._stopping.set()
+        if self._shutdown is not None:
+            IReactorCore(self._reactor).removeSystemEventTrigger(self._shutdown)
+            self._shutdown = None
+        listener = self._listener
+
+        def stop() -> None:
+            self._stopThreads()
+            if listener is not None:
+                listener.join(CONNECT_TIMEOUT + 1)
+
+        stopping: Deferred[None] = threads.deferToThread(stop)
+        return stopping
+
+    def _setAvailable(self, available: bool, reason: str) -> None:
+        """
+        Note whether the server answers; log each change once.
+        """
+        if available == self._available:
+            return
+        self._available = available
+        if available:
+            self._seenDropped = False
+            self.log.info(
+                "dwtrust: the trust store {where} is available again",
+                event="dwtrust.store.available",
+                where=self.where,
+            )
+        else:
+            self.log.warn(
+                "dwtrust: the trust store {where} is unavailable ({reason});"
+                " known keys are served from the cache, unknown keys are"
+                " refused with unavailable",
+                event="dwtrust.store.unavailable",
+                where=self.where,
+                reason=reason,
+            )
+
+    # Notifications
+
+    def _listen(self) -> None:
+        """
+        In the listener's thread: listen on L{CHANNEL}, hand every
+        notification to the reactor, and reconnect (with a growing delay)
+        whenever the connection is lost, until the store closes.
+        """
+        psycopg = driver()
+        fromThread = IReactorFromThreads(self._reactor).callFromThread
+        delay = 0.1
+        connectedBefore = False
+        while not self._stopping.is_set():
+            try:
+                connection = connect(self._url)
+            except StoreError as e:
+                if not self._stopping.is_set():
+                    fromThread(self._lost, str(e))
+                self._stopping.wait(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            try:
+                connection.execute(f"LISTEN {CHANNEL}")
+                if connectedBefore:
+                    # Connections opened before the loss may be cut too.
+                    with self._idleLock:
+                        self._epoch += 1
+                fromThread(self._listening_, connectedBefore)
+                connectedBefore = True
+                delay = 0.1
+                while not self._stopping.is_set():
+                    for notification in connection.notifies(timeout=LISTEN_POLL):
+                        fromThread(self._notified, notification.payload)
+            except psycopg.Error as e:
+                if not self._stopping.is_set():
+                    fromThread(self._lost, _message(e))
+            finally:
+                self._discard(connection)
+
+    def _listening_(self, again: bool) -> None:
+        """
+        The listener is (again) connected: after a loss, read afresh every
+        cached key, since changes made meanwhile were not heard.
+        """
+        self._listening = True
+        self._setAvailable(True, "")
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.callback(None)
+        if again and not self._closed:
+            self._resync()
+
+    def _lost(self, reason: str) -> None:
+        self._listening = False
+        self._setAvailable(False, reason)
+
+    def whenListening(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once the store listens for changes (at
+        once if it does now).
+        """
+        if self._listening:
+            return succeed(None)
+        self._start()
+        listening: Deferred[None] = Deferred()
+        self._listeners.append(listening)
+        return listening
+
+    def _resync(self) -> None:
+        fingerprints = list(self._cache)
+        if not fingerprints:
+            return
+        for fingerprint in fingerprints:
+            self._noteChange(fingerprint)
+
+        def fetch(cursor: Cursor) -> list[KeyRecord]:
+            cursor.execute(
+                f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ANY(%s)",
+                (fingerprints,),
+            )
+            return [_record(row) for row in cursor.fetchall()]
+
+        def refreshed(records: list[KeyRecord]) -> None:
+            now = {record.fingerprint: record for record in records}
+            for fingerprint in fingerprints:
+                old, new = self._cache.get(fingerprint), now.get(fingerprint)
+                self._remember(fingerprint, new)
+                if (
+                    new is None
+                    or old is None
+                    or (old.state, old.decision)
+                    != (
+                        new.state,
+                        new.decision,
+                    )
+                ):
+                    self._announce(StoreChange("decided", fingerprint, new, False))
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "dwtrust: could not refresh the cached keys: {reason}",
+                event="dwtrust.store.resync_failed",
+                reason=failure.getErrorMessage(),
+            )
+
+        self._run(fetch).addCallbacks(refreshed, failed)
+
+    def _notified(self, payload: str) -> None:
+        """
+        In the reactor: a change was announced.  Read the key's record
+        afresh (which refreshes the cache) and tell the watchers.
+        """
+        try:
+            facts = json.loads(payload)
+            kind, fingerprint = str(facts["kind"]), str(facts["fingerprint"])
+            local = facts.get("origin") == self.origin
+        except (ValueError, KeyError, TypeError):
+            self.log.warn(
+                "dwtrust: ignored a malformed notification {payload!r}",
+                event="dwtrust.store.bad_notification",
+                payload=payload[:200],
+            )
+            return
+        if self._closed:
+            return
+        self._noteChange(fingerprint)
+        if kind == "owner":
+            self._announce(StoreChange(kind, fingerprint, None, local))
+            return
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "dwtrust: could not read {fingerprint} after a change: {reason}",
+                event="dwtrust.store.change_unread",
+                fingerprint=fingerprint,
+                reason=failure.getErrorMessage(),
+            )
+
+        self.lookup(fingerprint).addCallbacks(
+            lambda record: self._announce(
+                StoreChange(kind, fingerprint, record, local)
+            ),
+            failed,
+        )
+
+    def _announce(self, change: StoreChange) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher(change)
+            except Exception:
+                self.log.failure("dwtrust: a store watcher failed")
+
+    def watch(self, watcher: Callable[[StoreChange], object]) -> Callable[[], None]:
+        self._watchers.append(watcher)
+        if IReactorCore(self._reactor).running:
+            self._start()
+        else:
+            IReactorCore(self._reactor).callWhenRunning(self._startUnlessClosed)
+        return lambda: self._watchers.remove(watcher)
+
+    def _startUnlessClosed(self) -> None:
+        if not self._closed:
+            self._start()
+
+    # The cache
+
+    def _noteChange(self, fingerprint: str) -> None:
+        if fingerprint in self._inflight:
+            self._changed[fingerprint] = self._changed.get(fingerprint, 0) + 1
+
+    def _remember(self, fingerprint: str, record: KeyRecord | None) -> None:
+        if record is None or record.state is KeyState.pending:
+            self._cache.pop(fingerprint, None)
+            return
+        self._cache[fingerprint] = record
+        self._cache.move_to_end(fingerprint)
+        while len(self._cache) > self._cacheSize:
+            self._cache.popitem(last=False)
+
+    def cached(self, fingerprint: str) -> KeyRecord | None:
+        """
+        The cached record of C{fingerprint}, if there is one.
+        """
+        return self._cache.get(fingerprint)
+
+    # ITrustStore
+
+    def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        before = self._changed.get(fingerprint, 0)
+        self._inflight[fingerprint] = self._inflight.get(fingerprint, 0) + 1
+
+        def query(cursor: Cursor) -> KeyRecord | None:
+            cursor.execute(_SELECT_PEER, (fingerprint,))
+            row = cursor.fetchone()
+            return None if row is None else _record(row)
+
+        def found(record: KeyRecord | None) -> KeyRecord | None:
+            if self._changed.get(fingerprint, 0) == before:
+                self._remember(fingerprint, record)
+            return record
+
+        def unavailable(failure: Failure) -> KeyRecord | Failure:
+            failure.trap(StoreUnavailable)
+            cached = self._cache.get(fingerprint)
+            if cached is None:
+                return failure
+            self._cache.move_to_end(fingerprint)
+            return cached
+
+        def finished(result: T) -> T:
+            left = self._inflight.pop(fingerprint) - 1
+            if left:
+                self._inflight[fingerprint] = left
+            else:
+                self._changed.pop(fingerprint, None)
+            return result
+
+        looking: Deferred[Any] = self._run(query)
+        looking.addCallbacks(found, unavailable)
+        return looking.addBoth(finished)
+
+    def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
+        def query(cursor: Cursor) -> list[KeyRecord]:
+            cursor.execute(
+                f"SELECT {_PEER_COLUMNS} FROM peers WHERE org = %s AND service = %s"
+                " ORDER BY first_seen, fingerprint",
+                (org, service),
+            )
+            return [_record(row) for row in cursor.fetchall()]
+
+        return self._run(query)
+
+    def _notify(self, cursor: Cursor, kind: str, fingerprint: str) -> None:
+        """
+        Announce a change, in the transaction that makes it.
+        """
+        cursor.execute(
+            "SELECT pg_notify(%s, %s)",
+            (
+                CHANNEL,
+                json.dumps(
+                    {"kind": kind, "fingerprint": fingerprint, "origin": self.origin}
+                ),
+            ),
+        )
+
+    def record(
+        self,
+        peer: PeerIdentity,
+        state: KeyState,
+        source: str,
+        decidedBy: str,
+        decision: bytes = b"",
+    ) -> Deferred[KeyRecord]:
+        now = self._now()
+
+        def upsert(cursor: Cursor) -> tuple[KeyRecord, str | None]:
+            # Lock the row (if there is one) so that two decisions at once
+            # are applied one after the other, each seeing the one before.
+            cursor.execute(
+                "SELECT state FROM peers WHERE fingerprint = %s FOR UPDATE",
+                (peer.fingerprint,),
+            )
+            row = cursor.fetchone()
+            previous = None if row is None else str(row[0])
+            cursor.execute(
+                f"INSERT INTO peers ({_PEER_COLUMNS})"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, '', 0)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
+                " last_seen = excluded.last_seen, source = excluded.source,"
+                " decided_by = excluded.decided_by, decision = excluded.decision,"
+                " request_id = '', expires = 0",
+                (
+                    peer.fingerprint,
+                    peer.org,
+                    peer.service,
+                    peer.algorithm,
+                    peer.publicKey.blob,
+                    state.value,
+                    now,
+                    now,
+                    source,
+                    decidedBy,
+                    decision,
+                ),
+            )
+            self._notify(cursor, "decided", peer.fingerprint)
+            return _fetch(cursor, peer.fingerprint), previous
+
+        def stored(result: tuple[KeyRecord, str | None]) -> KeyRecord:
+            record, previous = result
+            self._noteChange(peer.fingerprint)
+            self._remember(peer.fingerprint, record)
+            self.log.info(
+                "dwtrust: stored {state} for {fingerprint} (was {previous}),"
+                " decided by {decided_by}",
+                event="dwtrust.store.decision",
+                state=record.state.value,
+                fingerprint=record.fingerprint,
+                previous=previous,
+                decided_by=decidedBy,
+                store=self.where,
+            )
+            return record
+
+        return self._run(upsert).addCallback(stored)
+
+    def addPending(
+        self,
+        peer: PeerIdentity,
+        source: str,
+        requestId: str,
+        expires: float,
+        maxPerSource: int,
+        maxTotal: int,
+    ) -> Deferred[tuple[KeyRecord, bool]]:
+        now = self._now()
+        host = sourceHost(source)
+
+        def again(cursor: Cursor) -> bool:
+            cursor.execute(
+                "UPDATE peers SET attempts = attempts + 1, last_seen = %s,"
+                " source = %s, source_host = %s"
+                " WHERE fingerprint = %s AND state = 'pending'",
+                (now, source, host, peer.fingerprint),
+            )
+            return bool(cursor.rowcount)
+
+        def add(cursor: Cursor) -> tuple[KeyRecord, bool]:
+            if not again(cursor):
+                # One new request at a time, fleet-wide: the caps are counted
+                # and the request made under one lock, and a request another
+                # instance made meanwhile is seen once we hold it.
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (PENDING_LOCK,))
+                if not again(cursor):
+                    return self._newPending(
+                        cursor,
+                        peer,
+                        source,
+                        host,
+                        now,
+                        requestId,
+                        expires,
+                        maxPerSource,
+                        maxTotal,
+                    ), True
+            return _fetch(cursor, peer.fingerprint), False
+
+        def added(result: tuple[KeyRecord, bool]) -> tuple[KeyRecord, bool]:
+            record, created = result
+            self._noteChange(peer.fingerprint)
+            self._remember(peer.fingerprint, None)
+            if created:
+                self.log.info(
+                    "dwtrust: new pending request {request_id} for {peer_name}"
+                    " {fingerprint} from {source}",
+                    event="dwtrust.store.pending_created",
+                    request_id=record.requestId,
+                    peer_name=peer.name,
+                    fingerprint=peer.fingerprint,
+                    source=source,
+                    store=self.where,
+                )
+            return result
+
+        return self._run(add).addCallback(added)
+
+    def _newPending(
+        self,
+        cursor: Cursor,
+        peer: PeerIdentity,
+        source: str,
+        host: str,
+        now: float,
+        requestId: str,
+        expires: float,
+        maxPerSource: int,
+        maxTotal: int,
+    ) -> KeyRecord:
+        cursor.execute(
+            "SELECT COUNT(*),"
+            " COALESCE(SUM(CASE WHEN source_host = %s THEN 1 ELSE 0 END), 0)"
+            " FROM peers WHERE state = 'pending'",
+            (host,),
+        )
+        total, fromSource = cursor.fetchone() or (0, 0)
+        if fromSource >= maxPerSource:
+            raise PendingFull(
+                f"{host} already has {fromSource} pending requests"
+                f" (at most {maxPerSource})"
+            )
+        if total >= maxTotal:
+            raise PendingFull(
+                f"{total} requests are pending already (at most {maxTotal})"
+            )
+        # A row that is there but not pending is one whose decision did not
+        # verify (its policy treats the key as unknown): the request replaces
+        # it.
+        cursor.execute(
+            f"INSERT INTO peers ({_PEER_COLUMNS}, source_host)"
+            " VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s, 1, %s, '', '\\x',"
+            " %s, %s, %s)"
+            " ON CONFLICT (fingerprint) DO UPDATE SET state = 'pending',"
+            " last_seen = excluded.last_seen, attempts = peers.attempts + 1,"
+            " source = excluded.source, source_host = excluded.source_host,"
+            " decided_by = '', decision = '\\x', request_id = excluded.request_id,"
+            " expires = excluded.expires",
+            (
+                peer.fingerprint,
+                peer.org,
+                peer.service,
+                peer.algorithm,
+                peer.publicKey.blob,
+                now,
+                now,
+                source,
+                requestId,
+                expires,
+                host,
+            ),
+        )
+        self._notify(cursor, "pending", peer.fingerprint)
+        return _fetch(cursor, peer.fingerprint)
+
+    def pending(self) -> Deferred[list[KeyRecord]]:
+        return self._all(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state = 'pending'"
+            " ORDER BY first_seen, fingerprint",
+            (),
+            _record,
+        )
+
+    def decided(self) -> Deferred[list[KeyRecord]]:
+        return self._all(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state != 'pending'"
+            " ORDER BY first_seen, fingerprint",
+            (),
+            _record,
+        )
+
+    def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
+        # Each lapsed request is deleted, and reported, by one instance.
+        return self._all(
+            "DELETE FROM peers WHERE state = 'pending' AND expires < %s"
+            f" RETURNING {_PEER_COLUMNS}",
+            (now,),
+            _record,
+        )
+
+    def owners(self) -> Deferred[list[bytes]]:
+        return self._all(
+            "SELECT registration FROM owners ORDER BY fingerprint",
+            (),
+            lambda row: bytes(row[0]),
+        )
+
+    def addOwner(self, fingerprint: str, registration: bytes) -> Deferred[None]:
+        def insert(cursor: Cursor) -> None:
+            cursor.execute(
+                "INSERT INTO owners (fingerprint, registration) VALUES (%s, %s)"
+                " ON CONFLICT (fingerprint)"
+                " DO UPDATE SET registration = excluded.registration",
+                (fingerprint, registration),
+            )
+            self._notify(cursor, "owner", fingerprint)
+
+        return self._run(insert)
+
+    def seen(self, fingerprint: str, source: str) -> Deferred[None]:
+        now = self._now()
+
+        def count(cursor: Cursor) -> None:
+            cursor.execute(
+                "UPDATE peers SET attempts = attempts + 1, last_seen = %s,"
+                " source = %s WHERE fingerprint = %s",
+                (now, source, fingerprint),
+            )
+
+        def dropped(failure: Failure) -> None:
+            failure.trap(StoreUnavailable)
+            if not self._seenDropped:
+                self._seenDropped = True
+                self.log.warn(
+                    "dwtrust: attempts with known keys are not counted while"
+                    " the trust store {where} is unavailable",
+                    event="dwtrust.store.seen_dropped",
+                    where=self.where,
+                )
+
+        return self._run(count).addErrback(dropped)
+
+    # IKnownServices
+
+    def pinned(self, address: str) -> Deferred[Pin | None]:
+        def query(cursor: Cursor) -> Pin | None:
+            cursor.execute(
+                f"SELECT {_PIN_COLUMNS} FROM known_services WHERE address = %s",
+                (address,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _pin(row)
+
+        return self._run(query)
+
+    def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
+        return self._all(
+            f"SELECT {_PIN_COLUMNS} FROM known_services"
+            " WHERE org = %s AND service = %s ORDER BY first_seen, address",
+            (org, service),
+            _pin,
+        )
+
+    def pin(self, address: str, peer: PeerIdentity) -> Deferred[Pin]:
+        pin = Pin.of(address, peer, self._now())
+
+        def insert(cursor: Cursor) -> Pin:
+            cursor.execute(
+                f"INSERT INTO known_services ({_PIN_COLUMNS})"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (address) DO UPDATE SET org = excluded.org,"
+                " service = excluded.service, algorithm = excluded.algorithm,"
+                " public_key = excluded.public_key,"
+                " fingerprint = excluded.fingerprint,"
+                " first_seen = excluded.first_seen",
+                (
+                    pin.address,
+                    pin.org,
+                    pin.service,
+                    pin.algorithm,
+                    pin.publicKey,
+                    pin.fingerprint,
+                    pin.firstSeen,
+                ),
+            )
+            return pin
+
+        return self._run(insert)
+
+    def unpin(self, address: str) -> Deferred[bool]:
+        def delete(cursor: Cursor) -> bool:
+            cursor.execute("DELETE FROM known_services WHERE address = %s", (address,))
+            return bool(cursor.rowcount)
+
+        return self._run(delete)
+
+    def _all(
+        self,
+        sql: str,
+        parameters: tuple[Any, ...],
+        convert: Callable[[Sequence[Any]], T],
+    ) -> Deferred[list[T]]:
+        def query(cursor: Cursor) -> list[T]:
+            cursor.execute(sql.encode(), parameters)
+            return [convert(row) for row in cursor.fetchall()]
+
+        return self._run(query)
