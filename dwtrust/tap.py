@@ -637,16 +637,8 @@ def _watchFleet(
             return
         if change.kind == "pending" and record.state is KeyState.pending:
             bus.publish(
-                ControlMessage.about(
-                    "approval_requested",
-                    policy.serviceName,
-                    record,
-                    source=record.source,
-                    requestId=record.requestId,
-                    firstSeen=record.firstSeen,
-                    attempts=record.attempts,
-                    reason=f"{record.org}/{record.service} wants to connect to"
-                    f" {policy.serviceName} (asked through another instance)",
+                ControlMessage.approvalRequested(
+                    policy.serviceName, record, note="asked through another instance"
                 )
             )
         elif change.kind == "decided" and record.state is not KeyState.pending:

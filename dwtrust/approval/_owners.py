@@ -98,20 +98,14 @@ class OwnersApprover:
         if created:
             known = await self.store.keysFor(peer.org, peer.service)
             self.bus.publish(
-                ControlMessage.about(
-                    "approval_requested",
+                ControlMessage.approvalRequested(
                     request.service,
-                    peer,
-                    source=request.source,
-                    requestId=record.requestId,
-                    firstSeen=record.firstSeen,
-                    attempts=record.attempts,
-                    knownKeys=tuple(
+                    record,
+                    tuple(
                         k.fingerprint
                         for k in known
                         if k.fingerprint != peer.fingerprint
                     ),
-                    reason=f"{peer.name} wants to connect to {request.service}",
                 )
             )
         decision: SignedDecision = await waiting

@@ -30,6 +30,20 @@ class _KeyFacts(Protocol):
     def algorithm(self) -> str: ...
 
 
+class _RequestFacts(_KeyFacts, Protocol):
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def requestId(self) -> str: ...
+
+    @property
+    def firstSeen(self) -> float: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+
 @frozen
 class ControlMessage:
     """
@@ -86,6 +100,32 @@ class ControlMessage:
             peerService=key.service,
             algorithm=key.algorithm,
             **details,
+        )
+
+    @classmethod
+    def approvalRequested(
+        cls,
+        service: str,
+        request: _RequestFacts,
+        knownKeys: tuple[str, ...] = (),
+        note: str = "",
+    ) -> ControlMessage:
+        """
+        The owners' news of a new pending request (a pending L{KeyRecord}):
+        C{approval_requested}, with the other keys C{knownKeys} of its
+        org/service, and a C{note} on how it was raised, if any.
+        """
+        return cls.about(
+            "approval_requested",
+            service,
+            request,
+            source=request.source,
+            requestId=request.requestId,
+            firstSeen=request.firstSeen,
+            attempts=request.attempts,
+            knownKeys=knownKeys,
+            reason=f"{request.org}/{request.service} wants to connect to {service}"
+            + (f" ({note})" if note else ""),
         )
 
     def asJSON(self) -> dict[str, Any]:
