@@ -51,6 +51,14 @@ from ._interface import (
     sourceHost,
 )
 from ._open import DEFAULT_POOL_SIZE, StoreUnavailable, redacted
+from ._rows import (
+    PEER_COLUMNS,
+    PIN_COLUMNS,
+    SELECT_DECIDED,
+    SELECT_PENDING,
+    pinOf,
+    recordOf,
+)
 from ._sqlite import SCHEMA_VERSION, StoreError
 
 if TYPE_CHECKING:
@@ -123,12 +131,7 @@ MIGRATIONS: Sequence[str] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "the SQLite and PostgreSQL schemas differ"
 
-_PEER_COLUMNS = (
-    "fingerprint, org, service, algorithm, public_key, state, first_seen,"
-    " last_seen, attempts, source, decided_by, decision, request_id, expires"
-)
-_PIN_COLUMNS = "address, org, service, algorithm, public_key, fingerprint, first_seen"
-_SELECT_PEER = f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = %s"
+_SELECT_PEER = f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = %s"
 
 
 def driver() -> Any:
@@ -260,26 +263,11 @@ def migrateURL(url: str) -> int:
         connection.close()
 
 
-def _record(row: Sequence[Any]) -> KeyRecord:
-    values = list(row)
-    values[4] = bytes(values[4])
-    values[5] = KeyState(values[5])
-    values[8] = int(values[8])
-    values[11] = bytes(values[11])
-    return KeyRecord(*values)
-
-
 def _fetch(cursor: Cursor, fingerprint: str) -> KeyRecord:
     cursor.execute(_SELECT_PEER, (fingerprint,))
     row = cursor.fetchone()
     assert row is not None, f"{fingerprint} vanished in its own transaction"
-    return _record(row)
-
-
-def _pin(row: Sequence[Any]) -> Pin:
-    values = list(row)
-    values[4] = bytes(values[4])
-    return Pin(*values)
+    return recordOf(row)
 
 
 @implementer(ITrustStore, IKnownServices, IStoreEvents)
@@ -617,10 +605,10 @@ class PostgreSQLStore:
 
         def fetch(cursor: Cursor) -> list[KeyRecord]:
             cursor.execute(
-                f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ANY(%s)",
+                f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ANY(%s)",
                 (fingerprints,),
             )
-            return [_record(row) for row in cursor.fetchall()]
+            return [recordOf(row) for row in cursor.fetchall()]
 
         def refreshed(records: list[KeyRecord]) -> None:
             now = {record.fingerprint: record for record in records}
@@ -734,7 +722,7 @@ class PostgreSQLStore:
         def query(cursor: Cursor) -> KeyRecord | None:
             cursor.execute(_SELECT_PEER, (fingerprint,))
             row = cursor.fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else recordOf(row)
 
         def found(record: KeyRecord | None) -> KeyRecord | None:
             if self._changed.get(fingerprint, 0) == before:
@@ -764,11 +752,11 @@ class PostgreSQLStore:
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
         def query(cursor: Cursor) -> list[KeyRecord]:
             cursor.execute(
-                f"SELECT {_PEER_COLUMNS} FROM peers WHERE org = %s AND service = %s"
+                f"SELECT {PEER_COLUMNS} FROM peers WHERE org = %s AND service = %s"
                 " ORDER BY first_seen, fingerprint",
                 (org, service),
             )
-            return [_record(row) for row in cursor.fetchall()]
+            return [recordOf(row) for row in cursor.fetchall()]
 
         return self._run(query)
 
@@ -806,7 +794,7 @@ class PostgreSQLStore:
             row = cursor.fetchone()
             previous = None if row is None else str(row[0])
             cursor.execute(
-                f"INSERT INTO peers ({_PEER_COLUMNS})"
+                f"INSERT INTO peers ({PEER_COLUMNS})"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, '', 0)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
                 " last_seen = excluded.last_seen, source = excluded.source,"
@@ -939,7 +927,7 @@ class PostgreSQLStore:
         # verify (its policy treats the key as unknown): the request replaces
         # it.
         cursor.execute(
-            f"INSERT INTO peers ({_PEER_COLUMNS}, source_host)"
+            f"INSERT INTO peers ({PEER_COLUMNS}, source_host)"
             " VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s, 1, %s, '', '\\x',"
             " %s, %s, %s)"
             " ON CONFLICT (fingerprint) DO UPDATE SET state = 'pending',"
@@ -966,27 +954,25 @@ class PostgreSQLStore:
 
     def pending(self) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state = 'pending'"
-            " ORDER BY first_seen, fingerprint",
+            SELECT_PENDING,
             (),
-            _record,
+            recordOf,
         )
 
     def decided(self) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state != 'pending'"
-            " ORDER BY first_seen, fingerprint",
+            SELECT_DECIDED,
             (),
-            _record,
+            recordOf,
         )
 
     def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
         # Each lapsed request is deleted, and reported, by one instance.
         return self._all(
             "DELETE FROM peers WHERE state = 'pending' AND expires < %s"
-            f" RETURNING {_PEER_COLUMNS}",
+            f" RETURNING {PEER_COLUMNS}",
             (now,),
-            _record,
+            recordOf,
         )
 
     def owners(self) -> Deferred[list[bytes]]:
@@ -1036,20 +1022,20 @@ class PostgreSQLStore:
     def pinned(self, address: str) -> Deferred[Pin | None]:
         def query(cursor: Cursor) -> Pin | None:
             cursor.execute(
-                f"SELECT {_PIN_COLUMNS} FROM known_services WHERE address = %s",
+                f"SELECT {PIN_COLUMNS} FROM known_services WHERE address = %s",
                 (address,),
             )
             row = cursor.fetchone()
-            return None if row is None else _pin(row)
+            return None if row is None else pinOf(row)
 
         return self._run(query)
 
     def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
         return self._all(
-            f"SELECT {_PIN_COLUMNS} FROM known_services"
+            f"SELECT {PIN_COLUMNS} FROM known_services"
             " WHERE org = %s AND service = %s ORDER BY first_seen, address",
             (org, service),
-            _pin,
+            pinOf,
         )
 
     def pin(self, address: str, peer: PeerIdentity) -> Deferred[Pin]:
@@ -1057,7 +1043,7 @@ class PostgreSQLStore:
 
         def insert(cursor: Cursor) -> Pin:
             cursor.execute(
-                f"INSERT INTO known_services ({_PIN_COLUMNS})"
+                f"INSERT INTO known_services ({PIN_COLUMNS})"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (address) DO UPDATE SET org = excluded.org,"
                 " service = excluded.service, algorithm = excluded.algorithm,"

@@ -33,6 +33,14 @@ from ._interface import (
     Pin,
     sourceHost,
 )
+from ._rows import (
+    PEER_COLUMNS,
+    PIN_COLUMNS,
+    SELECT_DECIDED,
+    SELECT_PENDING,
+    pinOf,
+    recordOf,
+)
 
 #: Each entry takes the schema from its index to the next version.
 MIGRATIONS: Sequence[str] = [
@@ -77,12 +85,6 @@ MIGRATIONS: Sequence[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-
-_PEER_COLUMNS = (
-    "fingerprint, org, service, algorithm, public_key, state, first_seen,"
-    " last_seen, attempts, source, decided_by, decision, request_id, expires"
-)
-_PIN_COLUMNS = "address, org, service, algorithm, public_key, fingerprint, first_seen"
 
 
 class StoreError(Exception):
@@ -201,13 +203,6 @@ def _pool(path: FilePath[str]) -> adbapi.ConnectionPool:
     )
 
 
-def _record(row: tuple[Any, ...]) -> KeyRecord:
-    values = list(row)
-    values[5] = KeyState(values[5])
-    values[11] = bytes(values[11])
-    return KeyRecord(*values)
-
-
 @implementer(ITrustStore, IKnownServices)
 class SQLiteStore:
     """
@@ -286,17 +281,17 @@ class SQLiteStore:
 
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
         return self._one(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
+            f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
             (fingerprint,),
-            _record,
+            recordOf,
         )
 
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE org = ? AND service = ?"
+            f"SELECT {PEER_COLUMNS} FROM peers WHERE org = ? AND service = ?"
             " ORDER BY first_seen",
             (org, service),
-            _record,
+            recordOf,
         )
 
     def record(
@@ -311,7 +306,7 @@ class SQLiteStore:
 
         def upsert(cursor: Any) -> KeyRecord:
             cursor.execute(
-                f"INSERT INTO peers ({_PEER_COLUMNS})"
+                f"INSERT INTO peers ({PEER_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, '', 0)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
                 " last_seen = excluded.last_seen, source = excluded.source,"
@@ -338,10 +333,10 @@ class SQLiteStore:
 
     def _fetch(self, cursor: Any, fingerprint: str) -> KeyRecord:
         cursor.execute(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
+            f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
             (fingerprint,),
         )
-        return _record(cursor.fetchone())
+        return recordOf(cursor.fetchone())
 
     def addPending(
         self,
@@ -383,7 +378,7 @@ class SQLiteStore:
             # not verify (its policy treats the key as unknown): the request
             # replaces it.
             cursor.execute(
-                f"INSERT INTO peers ({_PEER_COLUMNS}, source_host)"
+                f"INSERT INTO peers ({PEER_COLUMNS}, source_host)"
                 " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, 1, ?, '', x'', ?, ?, ?)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = 'pending',"
                 " last_seen = excluded.last_seen, attempts = attempts + 1,"
@@ -411,28 +406,26 @@ class SQLiteStore:
 
     def pending(self) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state = 'pending'"
-            " ORDER BY first_seen",
+            SELECT_PENDING,
             (),
-            _record,
+            recordOf,
         )
 
     def decided(self) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {_PEER_COLUMNS} FROM peers WHERE state != 'pending'"
-            " ORDER BY first_seen",
+            SELECT_DECIDED,
             (),
-            _record,
+            recordOf,
         )
 
     def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
         def expire(cursor: Any) -> list[KeyRecord]:
             cursor.execute(
-                f"SELECT {_PEER_COLUMNS} FROM peers"
+                f"SELECT {PEER_COLUMNS} FROM peers"
                 " WHERE state = 'pending' AND expires < ?",
                 (now,),
             )
-            lapsed = [_record(row) for row in cursor.fetchall()]
+            lapsed = [recordOf(row) for row in cursor.fetchall()]
             cursor.execute(
                 "DELETE FROM peers WHERE state = 'pending' AND expires < ?", (now,)
             )
@@ -467,17 +460,17 @@ class SQLiteStore:
 
     def pinned(self, address: str) -> Deferred[Pin | None]:
         return self._one(
-            f"SELECT {_PIN_COLUMNS} FROM known_services WHERE address = ?",
+            f"SELECT {PIN_COLUMNS} FROM known_services WHERE address = ?",
             (address,),
-            lambda row: Pin(*row),
+            pinOf,
         )
 
     def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
         return self._all(
-            f"SELECT {_PIN_COLUMNS} FROM known_services"
+            f"SELECT {PIN_COLUMNS} FROM known_services"
             " WHERE org = ? AND service = ? ORDER BY first_seen",
             (org, service),
-            lambda row: Pin(*row),
+            pinOf,
         )
 
     def pin(self, address: str, peer: PeerIdentity) -> Deferred[Pin]:
@@ -485,7 +478,7 @@ class SQLiteStore:
 
         def insert(cursor: Any) -> Pin:
             cursor.execute(
-                f"INSERT OR REPLACE INTO known_services ({_PIN_COLUMNS})"
+                f"INSERT OR REPLACE INTO known_services ({PIN_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     pin.address,
