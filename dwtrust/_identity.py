@@ -322,6 +322,7 @@ def _parseWire(algorithmName: str, blob: bytes) -> PublicKey:
     return PublicKey._fromWire(algorithmName, blob)
 
 
+@functools.lru_cache(maxsize=8192)
 def fingerprintOf(blob: bytes) -> str:
     digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii")
     return "SHA256:" + digest.rstrip("=")

@@ -55,10 +55,15 @@ def verifyProof(
         validateName("service", proof.service)
     except IdentityError as e:
         raise ProofRejected(ErrorCode.protocol_error, str(e)) from None
-    try:
-        key = PublicKey.fromWire(proof.algorithm, proof.publicKey)
-    except IdentityError as e:
-        raise ProofRejected(ErrorCode.bad_signature, str(e)) from None
+    key = channel.peerKey
+    if proof.publicKey != key.blob or proof.algorithm != key.algorithm.name:
+        # The usual case above needs no parsing: the certificate's key was
+        # parsed and checked already, and the proof names exactly it.
+        # Anything else is parsed, so that the refusal says what is wrong.
+        try:
+            key = PublicKey.fromWire(proof.algorithm, proof.publicKey)
+        except IdentityError as e:
+            raise ProofRejected(ErrorCode.bad_signature, str(e)) from None
     if key.blob != channel.peerKey.blob:
         raise ProofRejected(
             ErrorCode.bad_signature,

@@ -1,0 +1,750 @@
+"""
+Shared pieces of the benchmarks: the machine's description, server processes
+driven over their standard input, key and identity set-up, and the three
+systems compared (dwtrust, plain Twisted TLS with mutual self-signed
+certificates, and foolscap).
+
+Every benchmark runs as a driver process (the client side) that spawns its
+server side as ``python -m benchmarks.NAME server ...``; the server prints one
+JSON line when it listens, then answers commands (``stats``, ``reset``,
+``quit``) one JSON line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SYSTEMS = ("dwtrust", "tls", "foolscap")
+
+
+# --- The machine ---------------------------------------------------------------
+
+
+def machineInfo() -> dict[str, str]:
+    """
+    What the figures were measured on, read now.
+    """
+    import cryptography
+    import OpenSSL
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    import twisted
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    osName = platform.platform()
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                osName = (
+                    f"{line.split('=', 1)[1].strip(chr(34))} ({platform.release()})"
+                )
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": memory,
+        "os": osName,
+        "python": platform.python_version(),
+        "openssl": backend.openssl_version_text(),
+        "twisted": twisted.__version__,
+        "pyopenssl": OpenSSL.__version__,
+        "cryptography": cryptography.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def rssOf(pid: int, field: str = "VmRSS") -> int:
+    """
+    A process's resident memory in bytes (C{VmHWM} for its peak).
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no {field} for {pid}")
+
+
+def raiseFileLimit(wanted: int = 65536) -> int:
+    """
+    Raise this process's open-file limit as far as allowed; return it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (wanted, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            return limit
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def emit(result: dict[str, Any]) -> None:
+    """
+    Print a benchmark's result as the line C{benchmarks/run} collects.
+    """
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- Server processes ----------------------------------------------------------
+
+
+class ServerProcess:
+    """
+    A benchmark's server side, in its own process.
+    """
+
+    def __init__(self, module: str, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, "server", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.pid = self.process.pid
+        self.info: dict[str, Any] = self._read()
+        self.port: int = self.info.get("port", 0)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the server {self.process.args!r} exited")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def command(self, name: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(name + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def commandInThread(self, name: str) -> Deferred[dict[str, Any]]:
+        return threads.deferToThread(self.command, name)
+
+    def rss(self) -> int:
+        return rssOf(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                self.command("quit")
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class LagMonitor:
+    """
+    Measures the reactor's stalls: a call every C{interval} seconds records how
+    late it ran.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.maxLag = 0.0
+        self.lags: list[float] = []
+        self._last = time.monotonic()
+        self._call = LoopingCall(self._tick)
+        self._call.clock = clock
+        self._call.start(interval, now=False)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        lag = max(0.0, now - self._last - self.interval)
+        self._last = now
+        self.lags.append(lag)
+        self.maxLag = max(self.maxLag, lag)
+
+    def reset(self) -> None:
+        self.maxLag = 0.0
+        self.lags = []
+        self._last = time.monotonic()
+
+
+class _Commands(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(
+        self, reactor: Any, stats: Callable[[], dict[str, Any]], lag: LagMonitor
+    ) -> None:
+        self._reactor = reactor
+        self._stats = stats
+        self._lag = lag
+        self._profiler: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        command, _, argument = line.decode().strip().partition(" ")
+        reply: dict[str, Any] = {}
+        if command == "stats":
+            reply = {
+                "rss": rssOf(os.getpid()),
+                "peakRss": rssOf(os.getpid(), "VmHWM"),
+                "maxLag": self._lag.maxLag,
+                "p99Lag": percentile(self._lag.lags, 99),
+                **self._stats(),
+            }
+        elif command == "reset":
+            self._lag.reset()
+        elif command == "profile":
+            from pyinstrument import Profiler
+
+            self._profiler = Profiler(interval=0.0005, async_mode="disabled")
+            self._profiler.start()
+        elif command == "unprofile":
+            self._profiler.stop()
+            Path(argument).write_text(self._profiler.output_text(unicode=False))
+            self._profiler = None
+        elif command == "cprofile":
+            import cProfile
+
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+        elif command == "uncprofile":
+            import io
+            import pstats
+
+            self._profiler.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(self._profiler, stream=text)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(120)
+            Path(argument).write_text(text.getvalue())
+            self._profiler = None
+        elif command == "quit":
+            self._reactor.callLater(0, self._reactor.stop)
+        print(json.dumps(reply), flush=True)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def serveCommands(
+    reactor: Any, ready: dict[str, Any], stats: Callable[[], dict[str, Any]]
+) -> None:
+    """
+    Announce C{ready} on standard output, then answer the driver's commands.
+    """
+    from twisted.internet.stdio import StandardIO
+
+    lag = LagMonitor(reactor)
+    print(json.dumps(ready), flush=True)
+    StandardIO(_Commands(reactor, stats, lag), reactor=reactor)
+
+
+# --- Protocols ------------------------------------------------------------------
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class OneByte(Protocol):
+    """
+    Sends one byte, waits for its echo, closes, and fires C{done} once closed.
+    """
+
+    def __init__(self, done: Deferred[None]) -> None:
+        self.done = done
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"x")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def oneByteFactory(done: Deferred[None]) -> IProtocolFactory:
+    factory = Factory.forProtocol(lambda: OneByte(done))
+    factory.noisy = False
+    return factory
+
+
+def cpuOf(pid: int) -> float:
+    """
+    The CPU seconds (user and system) a process has used.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+# --- Keys and identities --------------------------------------------------------
+
+
+def selfSignedPEM(name: str) -> bytes:
+    """
+    A P-256 key and a self-signed certificate for it, as PEM (key first).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ) + certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def tlsOptions(ownPEM: bytes, peerPEM: bytes) -> Any:
+    """
+    Plain Twisted TLS options for either side: our certificate, the peer's
+    self-signed certificate as the only trust root (so it is required and
+    checked), TLS 1.3, no session cache and no tickets (CertificateOptions'
+    defaults).
+    """
+    from twisted.internet import ssl
+
+    own = ssl.PrivateCertificate.loadPEM(ownPEM)
+    peer = ssl.Certificate.loadPEM(peerPEM)
+    return ssl.CertificateOptions(
+        privateKey=own.privateKey.original,
+        certificate=own.original,
+        trustRoot=ssl.trustRootFromCertificates([peer]),
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
+        enableSessions=False,
+        enableSessionTickets=False,
+    )
+
+
+def setUp(directory: Path, algorithm: str = "ecdsa-p256") -> dict[str, str]:
+    """
+    Make what the three systems need in C{directory}: dwtrust identities for a
+    server and a client (of C{algorithm}), the server's store with the client
+    approved by a signed decision, and P-256 PEMs for TLS and foolscap.
+    """
+    from twisted.python.filepath import FilePath
+
+    from dwtrust import Identity, PeerIdentity
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "server": str(directory / f"server-{algorithm}"),
+        "client": str(directory / f"client-{algorithm}"),
+        "serverStore": str(directory / f"server-{algorithm}.sqlite3"),
+        "clientStore": str(directory / f"client-{algorithm}.sqlite3"),
+        "serverPEM": str(directory / "server.pem"),
+        "clientPEM": str(directory / "client.pem"),
+    }
+    if not Path(paths["server"]).exists():
+        server = Identity.generate("bench", "server", algorithm)
+        client = Identity.generate("bench", "client", algorithm)
+        server.save(FilePath(paths["server"]))
+        client.save(FilePath(paths["client"]))
+        approve(
+            paths["serverStore"],
+            server,
+            [PeerIdentity(client.org, client.service, client.publicKey)],
+        )
+    for which in ("serverPEM", "clientPEM"):
+        if not Path(paths[which]).exists():
+            Path(paths[which]).write_bytes(selfSignedPEM(which))
+    return paths
+
+
+def approve(storePath: str, signer: Any, peers: list[Any]) -> None:
+    """
+    Record signed approvals of C{peers} in the SQLite store at C{storePath},
+    synchronously, with the rows the store itself writes.
+    """
+    import sqlite3
+
+    from twisted.python.filepath import FilePath
+
+    from dwtrust._decision import SignedDecision
+    from dwtrust.store._sqlite import migrateFile
+
+    migrateFile(FilePath(storePath).path)
+    now = time.time()
+    rows = []
+    for peer in peers:
+        decision = SignedDecision.make(
+            signer, signer.name, peer, "approved", now, "benchmark"
+        )
+        rows.append(
+            (
+                peer.fingerprint,
+                peer.org,
+                peer.service,
+                peer.algorithm,
+                peer.publicKey.blob,
+                "approved",
+                now,
+                now,
+                "benchmark",
+                signer.fingerprint,
+                decision.encode(),
+            )
+        )
+    connection = sqlite3.connect(storePath)
+    with connection:
+        connection.executemany(
+            "INSERT OR REPLACE INTO peers (fingerprint, org, service, algorithm,"
+            " public_key, state, first_seen, last_seen, source, decided_by,"
+            " decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    connection.close()
+
+
+# --- The systems: servers ------------------------------------------------------
+
+
+def listenDwtrust(
+    reactor: Any,
+    identityDir: str,
+    storePath: str,
+    application: IProtocolFactory,
+    wrapStore: Callable[[Any], Any] | None = None,
+    approver: Any = "known-only",
+    timeout: float = 10.0,
+) -> Deferred[Any]:
+    """
+    Listen with dwtrust on a free port; fire with (port, authenticator).
+
+    @param storePath: a SQLite file, or a C{postgresql://} URL.
+    """
+    from twisted.python.filepath import FilePath
+
+    from dwtrust import (
+        ApprovalPolicy,
+        Authenticator,
+        Identity,
+        PeerIdentity,
+        PinningPolicy,
+    )
+    from dwtrust.approval import approverFromName
+    from dwtrust.store import openStore
+
+    identity = Identity.load(FilePath(identityDir))
+
+    def opened(store: Any) -> tuple[Any, Any]:
+        used = wrapStore(store) if wrapStore is not None else store
+        if isinstance(approver, str):
+            chosen = approverFromName(approver)
+        elif hasattr(approver, "requestApproval"):
+            chosen = approver
+        else:
+            chosen = approver(store)  # a function of the store
+        authenticator = Authenticator(
+            identity,
+            ApprovalPolicy(used, chosen, identity),
+            PinningPolicy(used),
+            reactor,
+            timeout=timeout,
+            decisionTimeout=120.0,
+        )
+        port = reactor.listenTCP(
+            0,
+            authenticator.wrapServerFactory(application),
+            backlog=4096,
+            interface=HOST,
+        )
+        return port, authenticator
+
+    if storePath == "memory":
+        # A diagnostic: the same handshake with the store in memory (no
+        # thread hop, no SQLite), the client approved by a signed decision.
+        from twisted.internet.defer import succeed
+
+        from dwtrust.store import KeyState
+        from dwtrust.testing import MemoryTrustStore, recordDecision
+
+        store = MemoryTrustStore()
+        client = Identity.load(
+            FilePath(identityDir).sibling(
+                FilePath(identityDir).basename().replace("server", "client")
+            )
+        )
+        recordDecision(
+            store,
+            identity,
+            identity.name,
+            PeerIdentity(client.org, client.service, client.publicKey),
+            KeyState.approved,
+        )
+        return succeed(store).addCallback(opened)
+    return openStore(storePath).addCallback(opened)
+
+
+def listenTLS(
+    reactor: Any, paths: dict[str, str], application: IProtocolFactory
+) -> Any:
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    options = tlsOptions(
+        Path(paths["serverPEM"]).read_bytes(), Path(paths["clientPEM"]).read_bytes()
+    )
+    return reactor.listenTCP(
+        0,
+        TLSMemoryBIOFactory(options, False, application),
+        backlog=4096,
+        interface=HOST,
+    )
+
+
+def _foolscap() -> Any:
+    """
+    C{foolscap.api}, untyped.
+    """
+    import importlib
+
+    return importlib.import_module("foolscap.api")
+
+
+class FoolscapEcho:
+    """
+    The foolscap server's one object.
+    """
+
+    @staticmethod
+    def make() -> Any:
+        Referenceable = _foolscap().Referenceable
+
+        class Echo(Referenceable):  # type: ignore[misc,valid-type]
+            def remote_echo(self, data: bytes) -> bytes:
+                return data
+
+        return Echo()
+
+
+def listenFoolscap(paths: dict[str, str]) -> tuple[Any, int, str]:
+    """
+    A foolscap Tub with the server's P-256 certificate; returns (tub, port,
+    furl).
+    """
+    import socket
+
+    Tub = _foolscap().Tub
+
+    probe = socket.socket()
+    probe.bind((HOST, 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    tub = Tub(certData=Path(paths["serverPEM"]).read_bytes())
+    tub.listenOn(f"tcp:{port}:interface={HOST}:backlog=4096")
+    tub.setLocation(f"{HOST}:{port}")
+    tub.startService()
+    furl = tub.registerReference(FoolscapEcho.make(), "echo")
+    return tub, port, furl
+
+
+# --- The systems: clients ------------------------------------------------------
+
+Connect = Callable[[], Awaitable[None]]
+
+
+def dwtrustConnector(
+    reactor: Any, paths: dict[str, str], port: int, memory: bool = False
+) -> Deferred[tuple[Connect, Any]]:
+    """
+    Fire with (connect once, authenticator) for a dwtrust client.
+
+    @param memory: keep the client's pins in memory (a diagnostic).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.python.filepath import FilePath
+
+    from dwtrust import Identity, openAuthenticator
+
+    identity = Identity.load(FilePath(paths["client"]))
+
+    def opened(authenticator: Any) -> tuple[Connect, Any]:
+        endpoint = authenticator.clientEndpoint(
+            TCP4ClientEndpoint(reactor, HOST, port), f"{HOST}:{port}"
+        )
+
+        def connect() -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            endpoint.connect(oneByteFactory(done)).addErrback(done.errback)
+            return done
+
+        return connect, authenticator
+
+    if memory:
+        from twisted.internet.defer import succeed
+
+        from dwtrust import Authenticator, PinningPolicy
+        from dwtrust.testing import MemoryTrustStore
+
+        return succeed(
+            Authenticator(identity, None, PinningPolicy(MemoryTrustStore()), reactor)
+        ).addCallback(opened)
+    return openAuthenticator(
+        reactor, identity, FilePath(paths["clientStore"]), approver="known-only"
+    ).addCallback(opened)
+
+
+def tlsConnector(reactor: Any, paths: dict[str, str], port: int) -> Connect:
+    """
+    Plain Twisted TLS: C{TLSMemoryBIOFactory} over TCP, with the options of
+    L{tlsOptions} (no hostname check: like dwtrust, the trust root is the
+    server's own certificate).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    options = tlsOptions(
+        Path(paths["clientPEM"]).read_bytes(), Path(paths["serverPEM"]).read_bytes()
+    )
+    endpoint = TCP4ClientEndpoint(reactor, HOST, port)
+
+    def connect() -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        wrapped = TLSMemoryBIOFactory(options, True, oneByteFactory(done))
+        endpoint.connect(wrapped).addErrback(done.errback)
+        return done
+
+    return connect
+
+
+def foolscapConnector(paths: dict[str, str], furl: str) -> Connect:
+    """
+    Each call: a fresh client Tub, a connection, one C{callRemote}, and the Tub
+    stopped (which disconnects).  Tubs that run at the same time need
+    certificates of their own (foolscap keeps one connection per pair of Tubs),
+    so each takes a P-256 certificate from a pool.
+    """
+    Tub = _foolscap().Tub
+
+    pool = [Path(paths["clientPEM"]).read_bytes()]
+
+    async def connect() -> None:
+        certData = pool.pop() if pool else selfSignedPEM("foolscap-client")
+        tub = Tub(certData=certData)
+        tub.startService()
+        try:
+            remote = await tub.getReference(furl)
+            await remote.callRemote("echo", b"x")
+        finally:
+            await tub.stopService()
+            pool.append(certData)
+
+    return connect
+
+
+async def measureRate(
+    connect: Connect,
+    concurrency: int,
+    duration: float,
+    clock: Any,
+    serverPid: int | None = None,
+) -> dict[str, Any]:
+    """
+    Run C{concurrency} workers, each connecting one connection after another,
+    for C{duration} seconds; return the rate and latencies.
+    """
+    latencies: list[float] = []
+    failures: list[str] = []
+    serverCPU = cpuOf(serverPid) if serverPid else 0.0
+    clientCPU = cpuOf(os.getpid())
+    deadline = time.monotonic() + duration
+    start = time.monotonic()
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            began = time.monotonic()
+            try:
+                await connect()
+            except Exception as e:
+                failures.append(repr(e))
+                if len(failures) > 50:
+                    return
+                continue
+            latencies.append(time.monotonic() - began)
+
+    await DeferredList(
+        [Deferred.fromCoroutine(worker()) for _ in range(concurrency)],
+        consumeErrors=True,
+    )
+    elapsed = time.monotonic() - start
+    count = max(1, len(latencies))
+    serverCPU = (cpuOf(serverPid) - serverCPU) if serverPid else float("nan")
+    clientCPU = cpuOf(os.getpid()) - clientCPU
+    return {
+        "serverCpuMs": serverCPU / count * 1000,
+        "clientCpuMs": clientCPU / count * 1000,
+        "rate": len(latencies) / elapsed,
+        "count": len(latencies),
+        "p50ms": percentile(latencies, 50) * 1000,
+        "p99ms": percentile(latencies, 99) * 1000,
+        "failures": len(failures),
+        "firstFailure": failures[0] if failures else None,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def sleep(clock: Any, seconds: float) -> Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(clock, seconds, lambda: None)
