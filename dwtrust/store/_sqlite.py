@@ -20,10 +20,13 @@ from typing import Any
 from twisted.enterprise import adbapi
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from .._identity import PeerIdentity
+from ._cache import ReadCache
 from ._interface import (
     IKnownServices,
     ITrustStore,
@@ -85,6 +88,11 @@ MIGRATIONS: Sequence[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+#: The most seconds an attempt counted by L{SQLiteStore.seen} waits to be
+#: written.
+SEEN_INTERVAL = 1.0
 
 
 class StoreError(Exception):
@@ -210,14 +218,34 @@ class SQLiteStore:
     """
 
     def __init__(
-        self, pool: adbapi.ConnectionPool, now: Callable[[], float] = time.time
+        self,
+        pool: adbapi.ConnectionPool,
+        now: Callable[[], float] = time.time,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._pool = pool
         self._now = now
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self._clock: IReactorTime = clock
+        self._cache = ReadCache(clock, self._dataVersion)
+        # Attempts counted by seen() and not written yet: fingerprint to
+        # (count, last time, last source); and who waits for the write.
+        self._seen: dict[str, tuple[int, float, str]] = {}
+        self._seenWaiting: list[Deferred[None]] = []
+        self._seenCall: IDelayedCall | None = None
+
+    def _dataVersion(self) -> Deferred[int]:
+        return self._one("PRAGMA data_version", (), lambda row: int(row[0]))
 
     @classmethod
     def fromPath(
-        cls, path: FilePath[str], now: Callable[[], float] = time.time
+        cls,
+        path: FilePath[str],
+        now: Callable[[], float] = time.time,
+        clock: IReactorTime | None = None,
     ) -> SQLiteStore:
         """
         Open the store at C{path} at once.  This blocks while it migrates the
@@ -227,25 +255,41 @@ class SQLiteStore:
         @raise StoreError: if the file cannot be used.
         """
         migrateFile(path.path)
-        return cls(_pool(path), now)
+        return cls(_pool(path), now, clock)
 
     @classmethod
     def open(
-        cls, path: FilePath[str], now: Callable[[], float] = time.time
+        cls,
+        path: FilePath[str],
+        now: Callable[[], float] = time.time,
+        clock: IReactorTime | None = None,
     ) -> Deferred[SQLiteStore]:
         """
         Open (creating and migrating as needed) the store at C{path}.
+
+        @param clock: schedules the store's own work (writing attempt counts,
+            checking for other writers); the reactor by default.
         """
 
         def migrated(_: object) -> SQLiteStore:
-            return cls(_pool(path), now)
+            return cls(_pool(path), now, clock)
 
         opening: Deferred[int] = threads.deferToThread(migrateFile, path.path)
         return opening.addCallback(migrated)
 
     def close(self) -> Deferred[None]:
-        self._pool.close()
-        return succeed(None)
+        """
+        Write the attempts counted and not written yet, then close.
+        """
+        self._cache.stop()
+        if self._seenCall is not None and self._seenCall.active():
+            self._seenCall.cancel()
+        self._seenCall = None
+
+        def closed(result: object) -> None:
+            self._pool.close()
+
+        return self._writeSeen().addBoth(closed)
 
     def _one(
         self, sql: str, parameters: tuple[Any, ...], convert: Callable[[Any], Any]
@@ -280,11 +324,30 @@ class SQLiteStore:
     # ITrustStore
 
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
-        return self._one(
+        """
+        The record of a key: from memory for a decided key read before (see
+        L{dwtrust.store._cache}), from the file otherwise.
+        """
+        cached: KeyRecord | None = self._cache.records.values.get(fingerprint)
+        if cached is not None:
+            return succeed(cached)
+        generation = self._cache.generation
+
+        def keep(record: KeyRecord | None) -> KeyRecord | None:
+            if (
+                record is not None
+                and record.state is not KeyState.pending
+                and self._cache.mayKeep(generation)
+            ):
+                self._cache.records.keep(fingerprint, record)
+            return record
+
+        reading: Deferred[KeyRecord | None] = self._one(
             f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
             (fingerprint,),
             recordOf,
         )
+        return reading.addCallback(keep)
 
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
         return self._all(
@@ -303,6 +366,7 @@ class SQLiteStore:
         decision: bytes = b"",
     ) -> Deferred[KeyRecord]:
         now = self._now()
+        self._cache.changed(record=peer.fingerprint)
 
         def upsert(cursor: Any) -> KeyRecord:
             cursor.execute(
@@ -349,6 +413,7 @@ class SQLiteStore:
     ) -> Deferred[tuple[KeyRecord, bool]]:
         now = self._now()
         host = sourceHost(source)
+        self._cache.changed(record=peer.fingerprint)
 
         def add(cursor: Any) -> tuple[KeyRecord, bool]:
             cursor.execute(
@@ -419,6 +484,8 @@ class SQLiteStore:
         )
 
     def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
+        self._cache.changed()
+
         def expire(cursor: Any) -> list[KeyRecord]:
             cursor.execute(
                 f"SELECT {PEER_COLUMNS} FROM peers"
@@ -449,21 +516,67 @@ class SQLiteStore:
         return result
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
-        result: Deferred[Any] = self._pool.runOperation(
-            "UPDATE peers SET attempts = attempts + 1, last_seen = ?, source = ?"
-            " WHERE fingerprint = ?",
-            (self._now(), source, fingerprint),
-        )
-        return result
+        """
+        Count the attempt now; write it, with the others counted meanwhile
+        in one transaction, at most L{SEEN_INTERVAL} seconds later, so that
+        a known peer's connection costs no trip to the database thread.  The
+        L{Deferred} fires once it is written.
+        """
+        count = self._seen.get(fingerprint, (0, 0.0, ""))[0]
+        self._seen[fingerprint] = (count + 1, self._now(), source)
+        written: Deferred[None] = Deferred()
+        self._seenWaiting.append(written)
+        if self._seenCall is None:
+            self._seenCall = self._clock.callLater(SEEN_INTERVAL, self._writeSeen)
+        return written
+
+    def _writeSeen(self) -> Deferred[None]:
+        self._seenCall = None
+        counted, self._seen = self._seen, {}
+        waiting, self._seenWaiting = self._seenWaiting, []
+        if not counted:
+            return succeed(None)
+
+        def write(cursor: Any) -> None:
+            cursor.executemany(
+                "UPDATE peers SET attempts = attempts + ?, last_seen = ?,"
+                " source = ? WHERE fingerprint = ?",
+                [(n, when, source, fp) for fp, (n, when, source) in counted.items()],
+            )
+
+        def done(result: object) -> None:
+            for written in waiting:
+                if isinstance(result, Failure):
+                    written.errback(result)
+                else:
+                    written.callback(None)
+
+        writing: Deferred[None] = self._pool.runInteraction(write)
+        return writing.addBoth(done)
 
     # IKnownServices
 
     def pinned(self, address: str) -> Deferred[Pin | None]:
-        return self._one(
+        """
+        The pin for C{address}: from memory if it was read before (see
+        L{dwtrust.store._cache}), from the file otherwise.
+        """
+        cached: Pin | None = self._cache.pins.values.get(address)
+        if cached is not None:
+            return succeed(cached)
+        generation = self._cache.generation
+
+        def keep(pin: Pin | None) -> Pin | None:
+            if pin is not None and self._cache.mayKeep(generation):
+                self._cache.pins.keep(address, pin)
+            return pin
+
+        reading: Deferred[Pin | None] = self._one(
             f"SELECT {PIN_COLUMNS} FROM known_services WHERE address = ?",
             (address,),
             pinOf,
         )
+        return reading.addCallback(keep)
 
     def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
         return self._all(
@@ -475,6 +588,7 @@ class SQLiteStore:
 
     def pin(self, address: str, peer: PeerIdentity) -> Deferred[Pin]:
         pin = Pin.of(address, peer, self._now())
+        self._cache.changed(pin=address)
 
         def insert(cursor: Any) -> Pin:
             cursor.execute(
@@ -497,6 +611,8 @@ class SQLiteStore:
         return result
 
     def unpin(self, address: str) -> Deferred[bool]:
+        self._cache.changed(pin=address)
+
         def delete(cursor: Any) -> bool:
             cursor.execute("DELETE FROM known_services WHERE address = ?", (address,))
             return bool(cursor.rowcount)
