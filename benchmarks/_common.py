@@ -550,6 +550,33 @@ def listenTLS(
     )
 
 
+def serveSystem(
+    reactor: Any,
+    system: str,
+    paths: dict[str, str],
+    application: IProtocolFactory,
+    stats: Callable[[], dict[str, Any]] = dict,
+) -> Deferred[None]:
+    """
+    Serve C{application} as C{system} (C{dwtrust}, over the server's store,
+    or plain C{tls}), and answer the driver's commands with C{stats} once it
+    listens.  Fires when the reactor shuts down.
+    """
+    finished: Deferred[None] = Deferred()
+    reactor.addSystemEventTrigger("after", "shutdown", finished.callback, None)
+
+    def ready(port: Any) -> None:
+        serveCommands(reactor, {"port": port.getHost().port}, stats)
+
+    if system == "dwtrust":
+        listenDwtrust(
+            reactor, paths["server"], paths["serverStore"], application
+        ).addCallback(lambda listened: ready(listened[0]))
+    else:
+        ready(listenTLS(reactor, paths, application))
+    return finished
+
+
 def _foolscap() -> Any:
     """
     C{foolscap.api}, untyped.

@@ -34,28 +34,14 @@ MODULE = "benchmarks.idle"
 def server(reactor: Any, system: str, pathsJSON: str) -> Deferred[None]:
     _common.raiseFileLimit()
     paths = json.loads(pathsJSON)
-    finished: Deferred[None] = Deferred()
-    reactor.addSystemEventTrigger("after", "shutdown", finished.callback, None)
     factory = Factory.forProtocol(Echo)
     factory.noisy = False
-    connections = {"open": 0}
 
     def stats() -> dict[str, Any]:
         gc.collect()
         return {"open": len(reactor.getReaders())}
 
-    if system == "dwtrust":
-        _common.listenDwtrust(
-            reactor, paths["server"], paths["serverStore"], factory
-        ).addCallback(
-            lambda listened: _common.serveCommands(
-                reactor, {"port": listened[0].getHost().port, **connections}, stats
-            )
-        )
-    else:
-        port = _common.listenTLS(reactor, paths, factory)
-        _common.serveCommands(reactor, {"port": port.getHost().port}, stats)
-    return finished
+    return _common.serveSystem(reactor, system, paths, factory, stats)
 
 
 class Holder(Protocol):

@@ -48,22 +48,9 @@ class Greeter(Protocol):
 
 def server(reactor: Any, system: str, pathsJSON: str) -> Deferred[None]:
     paths = json.loads(pathsJSON)
-    finished: Deferred[None] = Deferred()
-    reactor.addSystemEventTrigger("after", "shutdown", finished.callback, None)
     factory = Factory.forProtocol(Greeter)
     factory.noisy = False
-    if system == "dwtrust":
-        _common.listenDwtrust(
-            reactor, paths["server"], paths["serverStore"], factory
-        ).addCallback(
-            lambda listened: _common.serveCommands(
-                reactor, {"port": listened[0].getHost().port}, dict
-            )
-        )
-    else:
-        port = _common.listenTLS(reactor, paths, factory)
-        _common.serveCommands(reactor, {"port": port.getHost().port}, dict)
-    return finished
+    return _common.serveSystem(reactor, system, paths, factory)
 
 
 # --- The delaying relay ------------------------------------------------------

@@ -60,22 +60,9 @@ class Sender(Protocol):
 
 def server(reactor: Any, system: str, pathsJSON: str, total: str) -> Deferred[None]:
     paths = json.loads(pathsJSON)
-    finished: Deferred[None] = Deferred()
-    reactor.addSystemEventTrigger("after", "shutdown", finished.callback, None)
     factory = Factory.forProtocol(lambda: Sender(int(total)))
     factory.noisy = False
-    if system == "dwtrust":
-        _common.listenDwtrust(
-            reactor, paths["server"], paths["serverStore"], factory
-        ).addCallback(
-            lambda listened: _common.serveCommands(
-                reactor, {"port": listened[0].getHost().port}, dict
-            )
-        )
-    else:
-        port = _common.listenTLS(reactor, paths, factory)
-        _common.serveCommands(reactor, {"port": port.getHost().port}, dict)
-    return finished
+    return _common.serveSystem(reactor, system, paths, factory)
 
 
 class Counter(Protocol):
