@@ -1100,6 +1100,24 @@ class JoinTests(ChannelTestCase):
         self.failureResultOf(d, JoinRefused)
         self.successResultOf(self.join(newbox, token, self.newcomer))
 
+    def test_refusalLogEscaped(self) -> None:
+        """
+        What a refused newcomer sent is logged escaped: a line break in its
+        instance name or token id cannot start a line of its own.
+        """
+        newbox = self.connect(self.newcomer)
+        d = self.call(
+            newbox,
+            Join,
+            tokenId="ab\ncd",
+            proof=b"x" * 32,
+            instance="x\ndwtrust: forged",
+        )
+        self.failureResultOf(d, JoinRefused)
+        [refused] = eventsNamed(self.events, "dwtrust.join.refused")
+        self.assertEqual(refused["instance"], "x\\ndwtrust: forged")
+        self.assertEqual(refused["token_id"], "ab\\ncd")
+
 
 class KeyRequestChannelTests(ChannelTestCase):
     """

@@ -58,6 +58,13 @@ from ._tokens import JoinRefused, JoinTokens
 RELEASE_SKEW = 300.0
 
 
+def _escaped(text: str) -> str:
+    """
+    C{text} with anything unprintable escaped, for the log.
+    """
+    return text.encode("unicode_escape").decode("ascii")
+
+
 @define(eq=False)
 class KeyRequest:
     """
@@ -461,8 +468,9 @@ class ProvisioningLocator(amp.CommandLocator):
                 event="dwtrust.join.refused",
                 fingerprint=self.peer.fingerprint,
                 source=self.source,
-                instance=instance[:80],
-                token_id=tokenId[:8],
+                # The peer's own words: escaped, so they cannot forge a line.
+                instance=_escaped(instance[:80]),
+                token_id=_escaped(tokenId[:8]),
                 reason=str(e),
             )
             return fail(JoinRefused(str(e)))
