@@ -62,6 +62,7 @@ from dwtrust.control import (
     Watch,
     controlFactory,
 )
+from dwtrust.control._protocol import PAGE_BYTES
 from dwtrust.provisioning import (
     JoinError,
     JoinRefused,
@@ -80,7 +81,7 @@ from dwtrust.provisioning._commands import (
     RequestKey,
     ServiceRecords,
 )
-from dwtrust.provisioning._server import RELEASE_SKEW, KeyRequest
+from dwtrust.provisioning._server import RELEASE_SKEW, KeyRequest, recordsPage
 from dwtrust.provisioning._tokens import (
     _REMEMBER,
     MAX_TOKEN_TTL,
@@ -1558,3 +1559,38 @@ class CloneRefusesTests(SynchronousTestCase):
         target = self.parent.child("ledger")
         target.setContent(b"a file")
         self.assertRefused(target, "new or empty directory")
+
+
+class RecordsPageTests(SynchronousTestCase):
+    """
+    L{recordsPage} cuts the decisions a connection is entitled to into pages
+    that each fit in one AMP value.
+    """
+
+    def test_pagesCoverAllInOrder(self) -> None:
+        """
+        Paging from offset 0 by the sizes received gives every decision once,
+        in order, and no page exceeds L{PAGE_BYTES}; a decision larger than
+        a page still gets a page of its own.
+        """
+        decisions = [bytes([n % 256]) * (50 + 97 * n) for n in range(400)]
+        decisions.append(b"x" * (PAGE_BYTES + 10))
+        received: list[bytes] = []
+        while True:
+            page = recordsPage(decisions, len(received))
+            self.assertEqual(page["total"], len(decisions))
+            if not page["decisions"]:
+                break
+            if len(page["decisions"]) > 1:
+                self.assertLessEqual(
+                    sum(len(d) + 2 for d in page["decisions"]), PAGE_BYTES
+                )
+            received.extend(page["decisions"])
+        self.assertEqual(received, decisions)
+
+    def test_pastTheEnd(self) -> None:
+        """
+        An offset past the end (or below zero, taken as zero) answers sensibly.
+        """
+        self.assertEqual(recordsPage([b"a"], 5), {"decisions": [], "total": 1})
+        self.assertEqual(recordsPage([b"a"], -3), {"decisions": [b"a"], "total": 1})

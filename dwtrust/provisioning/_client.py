@@ -264,7 +264,7 @@ async def _requestKey(
         protocol.transport.loseConnection()  # type: ignore[union-attr]
 
 
-async def _records(protocol: amp.AMP, expected: int) -> list[bytes]:
+async def _records(protocol: amp.AMP) -> list[bytes]:
     decisions: list[bytes] = []
     while True:
         page = await protocol.callRemote(ServiceRecords, offset=len(decisions))
@@ -299,7 +299,7 @@ async def _install(
     # Each registration must be the service's own signed word.
     registrations = [r for r in kit["owners"] if registeredOwners(identity, [r])]
     owners = registeredOwners(identity, registrations)
-    decisions = await _records(protocol, kit["records"])
+    decisions = await _records(protocol)
     signers = Signers(owners)
     signers.add(identity.publicKey)
     verified: list[SignedDecision] = []

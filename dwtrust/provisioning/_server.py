@@ -18,7 +18,7 @@ from typing import Any
 
 from attrs import define, field
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -379,10 +379,11 @@ class Provisioning:
         """
         return ProvisioningLocator(self, peer, source)
 
-    async def kit(self) -> dict[str, Any]:
+    async def kit(self) -> tuple[dict[str, Any], list[bytes]]:
         """
-        The answer to L{Join} and L{CollectKey}: the service's identity and
-        its owners' registrations.
+        The answer to L{Join} and L{CollectKey} (the service's identity, its
+        owners' registrations and how many signed decisions follow), and
+        those decisions, encoded, for L{ServiceRecords} to page through.
         """
         owners = await self.store.owners()
         registered = set()
@@ -394,9 +395,9 @@ class Provisioning:
             for owner in self.owners
             if owner.fingerprint not in registered
         ]
-        records = [r for r in await self.store.decided() if r.decision]
+        decisions = [r.decision for r in await self.store.decided() if r.decision]
         identity = self.identity
-        return {
+        answer = {
             "org": identity.org,
             "service": identity.service,
             "privateKey": identity.privateKey.private_bytes(
@@ -405,24 +406,26 @@ class Provisioning:
                 serialization.NoEncryption(),
             ),
             "owners": owners,
-            "records": len(records),
+            "records": len(decisions),
         }
+        return answer, decisions
 
-    async def records(self, offset: int) -> dict[str, Any]:
-        """
-        A page of the signed decisions, from C{offset}: as many as fit in one
-        AMP value, and at least one if any are left.
-        """
-        decided = [r.decision for r in await self.store.decided() if r.decision]
-        page: list[bytes] = []
-        size = 0
-        for decision in decided[max(offset, 0) :]:
-            # ListOf(String) spends two bytes of length on each.
-            if page and size + len(decision) + 2 > PAGE_BYTES:
-                break
-            page.append(decision)
-            size += len(decision) + 2
-        return {"decisions": page, "total": len(decided)}
+
+def recordsPage(decisions: list[bytes], offset: int) -> dict[str, Any]:
+    """
+    The L{ServiceRecords} answer: a page of C{decisions} from C{offset}, as
+    many as fit in one AMP value, and at least one if any are left.
+    """
+    page: list[bytes] = []
+    size = 0
+    for index in range(max(offset, 0), len(decisions)):
+        decision = decisions[index]
+        # ListOf(String) spends two bytes of length on each.
+        if page and size + len(decision) + 2 > PAGE_BYTES:
+            break
+        page.append(decision)
+        size += len(decision) + 2
+    return {"decisions": page, "total": len(decisions)}
 
 
 class ProvisioningLocator(amp.CommandLocator):
@@ -440,7 +443,9 @@ class ProvisioningLocator(amp.CommandLocator):
         self.provisioning = provisioning
         self.peer = peer
         self.source = source
-        self._entitled = False
+        # The decisions a join or a release entitled this connection to,
+        # read once: ServiceRecords pages through them.
+        self._decisions: list[bytes] | None = None
         self._request: KeyRequest | None = None
         self._waiting: Deferred[str] | None = None
 
@@ -474,7 +479,6 @@ class ProvisioningLocator(amp.CommandLocator):
                 reason=str(e),
             )
             return fail(JoinRefused(str(e)))
-        self._entitled = True
         self.log.info(
             "dwtrust: instance {instance} at {source} joined {service} with a"
             " join token issued by {issued_by}; it now holds the service's key",
@@ -486,7 +490,15 @@ class ProvisioningLocator(amp.CommandLocator):
             token_id=tokenId[:8],
             issued_by=issuedBy,
         )
-        return self._answer(self.provisioning.kit())
+        return self._answer(self._handOver())
+
+    async def _handOver(self) -> dict[str, Any]:
+        """
+        The service's identity and owners; its decisions are kept for
+        L{ServiceRecords}.
+        """
+        answer, self._decisions = await self.provisioning.kit()
+        return answer
 
     def _answer(self, answering: Any) -> Deferred[dict[str, Any]]:
         """
@@ -537,7 +549,6 @@ class ProvisioningLocator(amp.CommandLocator):
                 signer = await waiting
             finally:
                 self._request = self._waiting = None
-            self._entitled = True
             self.log.info(
                 "dwtrust: delivered {service}'s key to {peer_name} {fingerprint}"
                 " at {source} (request {request_id}, released by {signer})",
@@ -549,17 +560,17 @@ class ProvisioningLocator(amp.CommandLocator):
                 request_id=request.requestId,
                 signer=signer,
             )
-            return await self.provisioning.kit()
+            return await self._handOver()
 
         return self._answer(collect())
 
     @ServiceRecords.responder
     def serviceRecords(self, offset: int) -> Deferred[dict[str, Any]]:
-        if not self._entitled:
+        if self._decisions is None:
             return fail(
                 KeyRequestRefused("the service's records follow a join or a release")
             )
-        return self._answer(self.provisioning.records(offset))
+        return succeed(recordsPage(self._decisions, offset))
 
     # An owner's commands, from a key that is not an owner's: a clear refusal
     # rather than AMP's "unhandled command".
