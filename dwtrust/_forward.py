@@ -128,12 +128,6 @@ class ForwardingFactory(Factory):
         self.targets = list(targets)
         self._next = 0
 
-    def nextTarget(self) -> tuple[IStreamClientEndpoint, str]:
-        """
-        The endpoint whose turn it is.
-        """
-        return self.inTurn()[0]
-
     def inTurn(self) -> list[tuple[IStreamClientEndpoint, str]]:
         """
         Every endpoint, starting with the one whose turn it is (the order a

@@ -95,18 +95,20 @@ class ForwardingTargetsTests(ForwardingCase):
     def test_noTargets(self) -> None:
         self.assertRaises(ValueError, ForwardingFactory, [])
 
-    def test_nextTargetRoundRobin(self) -> None:
+    def test_inTurnRoundRobin(self) -> None:
         """
-        L{ForwardingFactory.nextTarget} gives each endpoint in turn, then
-        starts again.
+        L{ForwardingFactory.inTurn} starts with each endpoint in turn, then
+        starts again, and lists the others after it in order.
         """
         a, b, c = (ImmediateEndpoint(True) for _ in range(3))
         factory = ForwardingFactory([(a, "a"), (b, "b"), (c, "c")])
         self.assertEqual(
-            [factory.nextTarget()[1] for _ in range(7)],
+            [factory.inTurn()[0][1] for _ in range(7)],
             ["a", "b", "c", "a", "b", "c", "a"],
         )
-        self.assertIs(factory.nextTarget()[0], b)
+        turn = factory.inTurn()
+        self.assertIs(turn[0][0], b)
+        self.assertEqual([name for _, name in turn], ["b", "c", "a"])
 
     def test_connectionsInTurn(self) -> None:
         """
@@ -163,7 +165,7 @@ class ForwardingTargetsTests(ForwardingCase):
         """
         endpoints = [ImmediateEndpoint(False) for _ in range(3)]
         factory = ForwardingFactory([(e, f"app{i}") for i, e in enumerate(endpoints)])
-        factory.nextTarget()
+        factory.inTurn()
         protocol, peer = self.accept(factory)
         protocol.dataReceived(b"lost")
         self.assertEqual([e.attempts for e in endpoints], [1, 1, 1])
