@@ -5,12 +5,13 @@ An atheris target for the dwtrust handshake: a real L{HandshakeProtocol}
 transport with a synchronous clock, played against by the fuzzer.
 
 The TLS layer is replaced by what the protocol asks of it: the channel it
-reads at C{handshakeCompleted} (a fixed exporter value and the peer's
-certificate key) and a L{StringTransport}.  The input is a script of steps:
-bytes of its own, the honest peer's next frame (whole, split, or with one
-byte changed, and with bytes after it), the trust decision (go on, or a
-refusal), time passing, and the connection lost.  The honest frames carry
-valid proofs, so the fuzzer reaches every state and plays garbage there.
+reads at C{handshakeCompleted} (a fixed exporter value and the peer's real
+certificate, made from its key as a dwtrust peer makes it) and a
+L{StringTransport}.  The input is a script of steps: bytes of its own, the
+honest peer's next frame (whole, split, or with one byte changed, and with
+bytes after it), the trust decision (go on, or a refusal), time passing,
+and the connection lost.  The honest frames carry valid proofs, so the
+fuzzer reaches every state and plays garbage there.
 
 A finding is any exception from the protocol, a failure logged or left in
 a Deferred, or any of these broken:
@@ -36,6 +37,7 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports(include=["dwtrust"]):
+    from OpenSSL import crypto
     from twisted.internet.address import IPv4Address
     from twisted.internet.defer import Deferred
     from twisted.internet.protocol import Factory, Protocol
@@ -50,6 +52,7 @@ with atheris.instrument_imports(include=["dwtrust"]):
     from dwtrust._policy import ITrustPolicy
     from dwtrust._proof import makeProof
     from dwtrust._protocol import HandshakeFactory, HandshakeProtocol
+    from dwtrust._tls import makeCertificate
     from dwtrust._wire import (
         CHALLENGE_SIZE,
         Accept,
@@ -71,6 +74,8 @@ CLIENT_CHALLENGE = b"c" * CHALLENGE_SIZE
 SERVER_CHALLENGE = b"s" * CHALLENGE_SIZE
 CODES = list(ErrorCode)
 ADDRESS = IPv4Address("TCP", "10.0.0.2", 4321)
+#: Each side's certificate, made once (as a peer makes its own, once).
+CERTIFICATES = {i.fingerprint: makeCertificate(i) for i in (SERVER, CLIENT)}
 
 #: What the honest client sends a server, and the honest server a client.
 TO_SERVER = [
@@ -94,30 +99,33 @@ class Finding(AssertionError):
     """
 
 
-class FakeCertificate:
-    def __init__(self, identity: Identity) -> None:
-        self._key = identity.publicKey.key
-
-    def public_key(self) -> Any:
-        return self._key
-
-
 class FakeTLSConnection:
     """
-    What L{dwtrust._tls.channelOf} reads from a finished TLS 1.3 handshake.
+    What L{dwtrust._tls.channelOf} reads from a finished TLS 1.3 handshake:
+    the version, the exporter value, and the peer's certificate, a real one
+    made from the peer's key as a dwtrust peer makes it (so that the code
+    that reads it, whatever it asks of the certificate, reads the real
+    thing).
     """
 
     def __init__(self, peer: Identity) -> None:
-        self._certificate = FakeCertificate(peer)
+        self._certificate = CERTIFICATES[peer.fingerprint]
+        self._x509 = crypto.X509.from_cryptography(self._certificate)
 
     def get_protocol_version_name(self) -> str:
         return "TLSv1.3"
 
-    def get_peer_certificate(self, as_cryptography: bool = False) -> Any:
-        return self._certificate
+    def get_peer_certificate(self, *, as_cryptography: bool = False) -> Any:
+        return self._certificate if as_cryptography else self._x509
 
-    def export_keying_material(self, label: bytes, size: int, context: bytes) -> bytes:
-        return EXPORTER[:size]
+    def get_peer_cert_chain(self, *, as_cryptography: bool = False) -> Any:
+        # As a server sees it: the client's certificate alone.
+        return [self.get_peer_certificate(as_cryptography=as_cryptography)]
+
+    def export_keying_material(
+        self, label: bytes, olen: int, context: bytes | None = None
+    ) -> bytes:
+        return EXPORTER[:olen]
 
 
 class FakeTLSTransport(StringTransport):

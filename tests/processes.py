@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TypeVar
@@ -73,12 +74,30 @@ def wait_for(
 
 def free_port() -> int:
     """
-    A TCP port on 127.0.0.1 that nothing listens on right now.
+    A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+
+    Racy: the port is closed before the caller uses it, so another process
+    may take it in between.  Do not use it for something that must listen
+    (start the listener on port 0 and read back the port it bound, as
+    L{Daemon} and L{EchoServer} do); at most use it for a port that nothing
+    should answer on, and prefer L{refusing_port} for that.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """
+    A TCP port on 127.0.0.1 where connections are refused, held for the
+    block: it is bound (so no other process can take it) and not listening.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        yield port
 
 
 def accepts(port: int) -> bool:
@@ -375,6 +394,12 @@ class Daemon:
     C{twistd -n dwtrust --listen tcp:PORT:interface=127.0.0.1 OPTIONS...},
     run in C{directory} with its own log and pid files.
 
+    PORT is 0 unless C{port} is given (to start again on the port of an
+    earlier daemon): the daemon takes a port of its own, and entering reads
+    back the port it bound from its log (L{bound_ports}), so no other
+    process can take it in between.  C{port} and C{address} are known once
+    the daemon is entered.
+
     Entering starts it and waits (up to L{DEADLINE} seconds) until it has
     logged that it listens and its port accepts a TCP connection.  Leaving
     sends it SIGTERM and waits for it to exit; if the block failed, the
@@ -383,6 +408,8 @@ class Daemon:
 
     With C{listen=False} there is no C{--listen} (a pure client sidecar, given
     C{--connect}): entering waits for its start-up line instead.
+
+    C{env} adds to (or overrides) the environment the daemon inherits.
     """
 
     _started = 0
@@ -393,12 +420,17 @@ class Daemon:
         *options: str,
         port: int | None = None,
         listen: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         Daemon._started += 1
         self.listen = listen
         self.directory = directory
         self.options = options
-        self.port = free_port() if port is None else port
+        #: The port asked for: 0 for any.
+        self._asked = 0 if port is None else port
+        #: The port it listens on, once entered.
+        self.port = self._asked
+        self.env = dict(env or {})
         name = f"daemon-{Daemon._started}"
         self.logfile = directory / f"{name}.log"
         self.pidfile = directory / f"{name}.pid"
@@ -437,12 +469,45 @@ class Daemon:
             str(self.pidfile),
             "dwtrust",
             *(
-                ["--listen", f"tcp:{self.port}:interface={LOOPBACK}"]
+                ["--listen", f"tcp:{self._asked}:interface={LOOPBACK}"]
                 if self.listen
                 else []
             ),
             *self.options,
         ]
+
+    def bound_ports(self) -> list[tuple[str, int]]:
+        """
+        The TCP ports the daemon has bound so far, in the order it bound
+        them, each with the log prefix of its factory: from the lines
+        Twisted logs as a port starts listening (C{"PREFIX starting on
+        PORT"}).
+        """
+        return [
+            (prefix, int(port))
+            for prefix, port in re.findall(
+                r"^\S+ \[[^]]*\] (.+) starting on (\d+)$", self.log(), re.M
+            )
+        ]
+
+    def _listening_port(self) -> int:
+        """
+        The port of C{--listen}: the port asked for, if one was; otherwise the
+        first port bound that the options do not name.  (The daemon starts
+        its listening port before its sidecars' local ports and its control
+        port.)
+        """
+        bound = [port for _, port in self.bound_ports()]
+        if self._asked:
+            candidates = [self._asked] if self._asked in bound else []
+        else:
+            named = {int(n) for n in re.findall(r"\btcp:(\d+)", " ".join(self.options))}
+            candidates = [port for port in bound if port not in named]
+        if not candidates:
+            raise AssertionError(
+                f"the daemon logged no port it listens on\n{self.report()}"
+            )
+        return candidates[0]
 
     def wait_for_log(self, pattern: str) -> re.Match[str]:
         """
@@ -472,12 +537,14 @@ class Daemon:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
+                env={**os.environ, **self.env} if self.env else None,
             )
         try:
             if not self.listen:
                 self.wait_for_log(r"dwtrust: .* client sidecar ")
                 return self
             self.wait_for_log(r"listening on tcp:")
+            self.port = self._listening_port()
 
             def listening() -> bool:
                 self._check_alive()

@@ -47,8 +47,8 @@ from .processes import (
     describe,
     fingerprint_in,
     finish,
-    free_port,
     keygen,
+    refusing_port,
     run_cli,
     run_twistd,
     start_cli,
@@ -252,19 +252,22 @@ def test_daemonCreatesIdentity(tmp_path: Path) -> None:
     """
     identity = tmp_path / "identity"
     identity.mkdir()
-    with Daemon(
-        tmp_path / "daemon",
-        "--identity",
-        str(identity),
-        "--org",
-        "acme",
-        "--service",
-        "ledger",
-        "--algorithm",
-        "ecdsa-p256",
-        "--forward",
-        f"tcp:host={LOOPBACK}:port={free_port()}",
-    ) as daemon:
+    with (
+        refusing_port() as nowhere,
+        Daemon(
+            tmp_path / "daemon",
+            "--identity",
+            str(identity),
+            "--org",
+            "acme",
+            "--service",
+            "ledger",
+            "--algorithm",
+            "ecdsa-p256",
+            "--forward",
+            f"tcp:host={LOOPBACK}:port={nowhere}",
+        ) as daemon,
+    ):
         created = daemon.wait_for_log(
             r"created the identity acme/ledger \((SHA256:\S+)\) in (\S+)"
         )
@@ -310,10 +313,8 @@ def test_pinningAndForget(tmp_path: Path) -> None:
     client = tmp_path / "client"
     keygen(client, "acme", "billing")
     clientPins = client / STORE
-    port = free_port()
-    address = f"{LOOPBACK}:{port}"
 
-    def daemon(name: str, identity: str) -> Daemon:
+    def daemon(name: str, identity: str, port: int | None = None) -> Daemon:
         return Daemon(
             tmp_path / name,
             "--identity",
@@ -326,11 +327,15 @@ def test_pinningAndForget(tmp_path: Path) -> None:
         )
 
     with EchoServer(tmp_path / "echo") as echo:
-        with daemon("d1", "s1"):
+        # The second server takes the port the first one bound (port 0,
+        # read back): the same address, with another key.
+        with daemon("d1", "s1") as d1:
+            address = d1.address
+            port = d1.port
             assertConnected(connect(client, address))
         assert pins(clientPins) == {address: first}
 
-        with daemon("d2", "s2"):
+        with daemon("d2", "s2", port):
             changed = connect(client, address)
             assertRefused(
                 changed,
@@ -396,11 +401,11 @@ def test_approvalIsRemembered(tmp_path: Path) -> None:
     knownKey = keygen(known, "acme", "billing")
     keygen(unknown, "acme", "payroll")
     store = tmp_path / "server-store.sqlite3"
-    port = free_port()
     with EchoServer(tmp_path / "echo") as echo:
         options = ["--identity", str(server), "--forward", echo.forward]
         options += ["--store", str(store)]
-        with Daemon(tmp_path / "d1", *options, "--approver", "auto", port=port) as d1:
+        with Daemon(tmp_path / "d1", *options, "--approver", "auto") as d1:
+            port = d1.port
             assertConnected(connect(known, d1.address))
             assertConnected(connect(known, d1.address))
             log = d1.log()
@@ -523,7 +528,6 @@ def test_unsafeKeyRefused(tmp_path: Path) -> None:
     identity = tmp_path / "identity"
     keygen(identity, "acme", "ledger")
     os.chmod(identity / PRIVATE_KEY, 0o644)
-    port = free_port()
     done = run_twistd(
         "-n",
         "--logfile",
@@ -534,7 +538,7 @@ def test_unsafeKeyRefused(tmp_path: Path) -> None:
         "--identity",
         str(identity),
         "--listen",
-        f"tcp:{port}:interface={LOOPBACK}",
+        f"tcp:0:interface={LOOPBACK}",
         cwd=tmp_path,
     )
     output = (done.stdout + done.stderr).decode(errors="replace")

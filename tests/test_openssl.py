@@ -21,9 +21,11 @@ completed on both sides (and that dwtrust, not TLS, then refused the client).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,12 +255,131 @@ def test_tls11Refused(
     """
     TLS 1.1 is refused by the daemon (the client is allowed to offer it,
     with its own security level lowered, so the refusal is the server's).
+    OpenSSL's default security level refuses it too, so this alone does not
+    show that the daemon sets a minimum version: see
+    L{test_oldVersionsRefusedAtSecurityLevel0}.
     """
     result = sClient(
         daemons[server],
         "-tls1_1",
         "-cipher",
         "DEFAULT@SECLEVEL=0",
+        certificate=certificate,
+    )
+    assertRefused(result, "protocol version")
+
+
+#: An OpenSSL configuration that lowers the security level to 0 and allows
+#: TLS 1.0, as an operator's C{openssl.cnf} can: OpenSSL itself then lets the
+#: old versions through, and only dwtrust's own minimum stands in the way.
+LOW_SECURITY = """\
+openssl_conf = openssl_init
+
+[openssl_init]
+ssl_conf = ssl_section
+
+[ssl_section]
+system_default = system_default_section
+
+[system_default_section]
+CipherString = ALL:@SECLEVEL=0
+MinProtocol = TLSv1
+"""
+
+#: Run with this configuration, a context made as the daemon's but without
+#: the minimum version: prints the reason a TLS 1.1 client is refused.
+WITHOUT_MINIMUM = """\
+from OpenSSL import SSL
+from dwtrust._tls import makeContext
+from tests.test_tls import OLD_SERVER, oldClient, serverRefusal
+
+server = makeContext(OLD_SERVER)
+server.set_min_proto_version(0)
+print(serverRefusal(oldClient(SSL.TLS1_1_VERSION), server))
+"""
+
+
+@pytest.fixture(scope="module")
+def lowSecurity(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """
+    A file with the L{LOW_SECURITY} configuration.
+    """
+    path = tmp_path_factory.mktemp("low-security") / "openssl.cnf"
+    path.write_text(LOW_SECURITY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lowSecurityDaemon(
+    tmp_path_factory: pytest.TempPathFactory, lowSecurity: Path
+) -> Iterator[Daemon]:
+    """
+    A daemon with an RSA-3072 identity (whose key can sign in TLS 1.0 and
+    1.1), run with the L{LOW_SECURITY} configuration.
+    """
+    base = tmp_path_factory.mktemp("openssl-low-security")
+    keygen(base / "identity", "acme", "ledger-low", "rsa-3072")
+    with (
+        EchoServer(base / "echo") as echo,
+        Daemon(
+            base / "daemon",
+            "--identity",
+            str(base / "identity"),
+            "--forward",
+            echo.forward,
+            env={"OPENSSL_CONF": str(lowSecurity)},
+        ) as daemon,
+    ):
+        yield daemon
+        assert echo.connections() == 0
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_lowSecurityConfigurationApplies(lowSecurity: Path, configured: bool) -> None:
+    """
+    L{LOW_SECURITY} really lowers the security level of the OpenSSL that
+    dwtrust uses, so that L{test_oldVersionsRefusedAtSecurityLevel0} tests
+    the minimum version and nothing else: without it, a context made as
+    the daemon's but with no minimum version refuses TLS 1.1 only for want
+    of a shared suite; at the default security level, for its version.
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
+    if configured:
+        env["OPENSSL_CONF"] = str(lowSecurity)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(root), env.get("PYTHONPATH", "")] if p
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MINIMUM],
+        capture_output=True,
+        cwd=root,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    expected = "no shared cipher" if configured else "unsupported protocol"
+    assert done.stdout.decode().strip() == expected
+
+
+@pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
+def test_oldVersionsRefusedAtSecurityLevel0(
+    lowSecurityDaemon: Daemon, certificate: Certificate, version: str
+) -> None:
+    """
+    On a machine whose OpenSSL configuration lowers the security level to 0
+    and allows TLS 1.0, the daemon still refuses TLS 1.0 and 1.1 for their
+    version (C{protocol version}), by its own TLS 1.2 minimum.  Without the
+    minimum it would refuse them for want of a shared suite (C{handshake
+    failure}); against OpenSSL's default security level, as in
+    L{test_tls11Refused}, the two cannot be told apart.
+    """
+    result = sClient(
+        lowSecurityDaemon,
+        version,
+        "-cipher",
+        "ALL:@SECLEVEL=0",
         certificate=certificate,
     )
     assertRefused(result, "protocol version")
