@@ -526,7 +526,7 @@ def listenDwtrust(
         recordDecision(
             store,
             identity,
-            identity.name,
+            identity,
             PeerIdentity(client.org, client.service, client.publicKey),
             KeyState.approved,
         )

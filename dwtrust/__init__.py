@@ -7,6 +7,7 @@ organization, service name and key.  Unknown keys go to an approver; the
 application protocol is connected only once its peer is trusted.
 """
 
+from ._authority import DecisionRejected, Decisions, DecisionStoreFailed
 from ._identity import Identity, IdentityError, PeerIdentity, PublicKey
 from ._machine import Refusal
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
@@ -19,6 +20,9 @@ __all__ = [
     "AuthenticatedTransport",
     "Authenticator",
     "ClientEndpoint",
+    "DecisionRejected",
+    "DecisionStoreFailed",
+    "Decisions",
     "ErrorCode",
     "HandshakeFailed",
     "IAuthenticatedTransport",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.logger import Logger
 
 from ._identity import Identity, IdentityError, PeerIdentity, PublicKey
@@ -22,7 +22,11 @@ from ._wire import WireError, decodeFields, encodeFields
 #: Domain separation: distinct from the handshake's label, so that no
 #: handshake signature can ever pass for a decision.
 DECISION_LABEL = b"dwtrust-signed-decision"
-DECISION_VERSION = b"\x01"
+#: Version 1 decisions (before dwtrust 0.2) name the service only, and have
+#: no place in the key's history; they are read, never made.
+DECISION_V1 = b"\x01"
+#: Version 2: bound to the service's key, and ordered by C{sequence}.
+DECISION_VERSION = b"\x02"
 _log = Logger()
 #: How many verified decisions a L{Signers} remembers.
 _MAX_VERIFIED = 10000
@@ -59,6 +63,13 @@ class SignedDecision:
     @ivar reason: why, in the decider's words.
     @ivar signer: the fingerprint of the key that signed.
     @ivar signature: the signature over L{payload}.
+    @ivar serviceKey: the fingerprint of the service's own key: the decision
+        holds for that service only, not for another with the same name.
+        Empty in a version 1 decision.
+    @ivar sequence: the decision's place in the history of decisions about
+        this key for this service, from 1; a decision with a higher sequence
+        replaces one with a lower, never the other way round.  0 in a
+        version 1 decision.
     """
 
     service: str
@@ -72,6 +83,8 @@ class SignedDecision:
     reason: str
     signer: str
     signature: bytes
+    serviceKey: str = ""
+    sequence: int = 0
 
     @classmethod
     def make(
@@ -82,12 +95,20 @@ class SignedDecision:
         state: str,
         decidedAt: float,
         reason: str,
+        serviceKey: str,
+        sequence: int,
     ) -> SignedDecision:
         """
-        Sign a decision about C{subject} for C{service}.
+        Sign a decision about C{subject} for the service named C{service}
+        whose key is C{serviceKey}, at place C{sequence} in the key's
+        history.
         """
         if state not in (*STATES, OWNER, *KEY_RELEASE_STATES):
             raise DecisionError(f"unknown decision {state!r}")
+        if not serviceKey:
+            raise DecisionError("a decision must name the service's key")
+        if sequence < 1:
+            raise DecisionError(f"a decision's sequence starts at 1, not {sequence}")
         unsigned = cls(
             service,
             subject.fingerprint,
@@ -100,26 +121,17 @@ class SignedDecision:
             reason,
             signer.fingerprint,
             b"",
+            serviceKey,
+            sequence,
         )
-        return unsigned.withSignature(signer.sign(unsigned.payload()))
+        return evolve(unsigned, signature=signer.sign(unsigned.payload()))
 
-    def withSignature(self, signature: bytes) -> SignedDecision:
-        return SignedDecision(
-            self.service,
-            self.fingerprint,
-            self.org,
-            self.subjectService,
-            self.algorithm,
-            self.publicKey,
-            self.state,
-            self.decidedAt,
-            self.reason,
-            self.signer,
-            signature,
-        )
+    @property
+    def version(self) -> int:
+        return 2 if self.serviceKey else 1
 
     def _fields(self) -> tuple[bytes, ...]:
-        return (
+        common = (
             self.service.encode(),
             self.fingerprint.encode(),
             self.org.encode(),
@@ -131,18 +143,25 @@ class SignedDecision:
             self.reason.encode(),
             self.signer.encode(),
         )
+        if self.version == 1:
+            return common
+        return (*common, self.serviceKey.encode(), str(self.sequence).encode())
 
     def payload(self) -> bytes:
         """
         The exact bytes the signature covers.
         """
-        return encodeFields(DECISION_LABEL, DECISION_VERSION, *self._fields())
+        version = DECISION_V1 if self.version == 1 else DECISION_VERSION
+        return encodeFields(DECISION_LABEL, version, *self._fields())
 
     def encode(self) -> bytes:
         """
-        The decision with its signature, for storage and transport.
+        The decision with its signature, for storage and transport: version
+        2 starts with a field holding the version byte; version 1 has none.
         """
-        return encodeFields(*self._fields(), self.signature)
+        if self.version == 1:
+            return encodeFields(*self._fields(), self.signature)
+        return encodeFields(DECISION_VERSION, *self._fields(), self.signature)
 
     @classmethod
     def decode(cls, data: bytes) -> SignedDecision:
@@ -150,9 +169,18 @@ class SignedDecision:
         @raise DecisionError: if C{data} is not an encoded decision.
         """
         try:
-            fields = decodeFields(data, 11)
+            if data[:3] == b"\x00\x01" + DECISION_VERSION:
+                fields = decodeFields(data, 14)[1:]
+            else:
+                fields = decodeFields(data, 11)
             text = [f.decode("utf-8") for f in fields[:5]]
             state, decidedAt, reason, signer = (f.decode("utf-8") for f in fields[6:10])
+            serviceKey, sequence = "", 0
+            if len(fields) == 13:
+                serviceKey = fields[10].decode("utf-8")
+                sequence = _number(fields[11].decode("utf-8"))
+                if not serviceKey or sequence < 1:
+                    raise ValueError("no service key, or a sequence below 1")
             return cls(
                 text[0],
                 text[1],
@@ -161,10 +189,12 @@ class SignedDecision:
                 text[4],
                 fields[5],
                 state,
-                int(decidedAt),
+                _number(decidedAt),
                 reason,
                 signer,
-                fields[10],
+                fields[-1],
+                serviceKey,
+                sequence,
             )
         except (WireError, UnicodeDecodeError, ValueError) as e:
             raise DecisionError(f"malformed decision: {e}") from None
@@ -185,6 +215,16 @@ class SignedDecision:
         return PeerIdentity(self.org, self.subjectService, key)
 
 
+def _number(text: str) -> int:
+    """
+    A decimal number as the encoding writes them: ASCII digits, a minus sign
+    at most, no spaces, no leading zeros, no underscores.
+    """
+    if text != str(int(text)) or not text.isascii():
+        raise ValueError(f"{text!r} is not a canonical decimal number")
+    return int(text)
+
+
 class Signers:
     """
     The keys a service trusts to sign decisions: its owners, and itself.
@@ -193,7 +233,7 @@ class Signers:
     def __init__(self, keys: Iterable[PublicKey] = ()) -> None:
         self._keys: dict[str, PublicKey] = {}
         #: Decisions that verified, with the keys as they were then.
-        self._verified: dict[tuple[bytes, str], None] = {}
+        self._verified: dict[tuple[bytes, str, str | None], None] = {}
         for key in keys:
             self.add(key)
 
@@ -210,24 +250,43 @@ class Signers:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def verify(self, decision: SignedDecision, service: str) -> None:
+    def verify(
+        self, decision: SignedDecision, service: str, serviceKey: str | None
+    ) -> None:
         """
-        Check that C{decision} is for C{service} and signed by a trusted key.
+        Check that C{decision} is for C{service}, whose key is C{serviceKey},
+        and signed by a trusted key.
 
+        @param serviceKey: the fingerprint of the service's key; L{None}
+            accepts a version 1 decision, which does not name it (only for
+            reading what was stored before version 2).
         @raise DecisionError: saying which check failed.
         """
-        remembered = (decision.encode(), service)
+        remembered = (decision.encode(), service, serviceKey)
         if remembered in self._verified:
             return
-        self._check(decision, service)
+        self._check(decision, service, serviceKey)
         if len(self._verified) >= _MAX_VERIFIED:
             self._verified.clear()
         self._verified[remembered] = None
 
-    def _check(self, decision: SignedDecision, service: str) -> None:
+    def _check(
+        self, decision: SignedDecision, service: str, serviceKey: str | None
+    ) -> None:
         if decision.service != service:
             raise DecisionError(
                 f"the decision is for {decision.service}, not {service}"
+            )
+        if decision.version == 1:
+            if serviceKey is not None:
+                raise DecisionError(
+                    "a version 1 decision names no service key and no place in"
+                    " the key's history"
+                )
+        elif decision.serviceKey != serviceKey:
+            raise DecisionError(
+                f"the decision is for the {decision.service} whose key is"
+                f" {decision.serviceKey}, not this one ({serviceKey})"
             )
         signer = self._keys.get(decision.signer)
         if signer is None:
@@ -258,7 +317,14 @@ def registerOwner(service: Identity, owner: PeerIdentity, now: float) -> SignedD
     The service's own signed statement that C{owner} may decide for it.
     """
     return SignedDecision.make(
-        service, service.name, owner, OWNER, now, "registered owner"
+        service,
+        service.name,
+        owner,
+        OWNER,
+        now,
+        "registered owner",
+        service.fingerprint,
+        1,
     )
 
 
@@ -274,7 +340,13 @@ def registeredOwners(
     for encoded in registrations:
         try:
             registration = SignedDecision.decode(encoded)
-            itself.verify(registration, service.name)
+            # A registration made before version 2 is the service's own word
+            # all the same: only its own key signs them.
+            itself.verify(
+                registration,
+                service.name,
+                None if registration.version == 1 else service.fingerprint,
+            )
             if registration.state != OWNER:
                 raise DecisionError(f"a {registration.state} decision is no owner")
             owners.append(registration.subject().publicKey)

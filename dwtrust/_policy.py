@@ -23,13 +23,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from ._decision import DecisionError, SignedDecision, Signers
+from ._authority import Decisions, refuseChangedIdentity
+from ._bus import ControlBus
+from ._decision import SignedDecision, Signers
 from ._identity import Identity, PeerIdentity
 from ._machine import Refusal
 from ._wire import ErrorCode
 from .approval import ApprovalRequest, Decision, IApprover
-from .control import ControlBus, ControlMessage
 from .store import IKnownServices, ITrustStore, KeyRecord, KeyState, StoreUnavailable
+from .store._newest import NewestDecisions
 
 _REFUSED_STATES = {
     KeyState.denied: ErrorCode.denied,
@@ -58,14 +60,15 @@ class ApprovalPolicy:
     """
     A service's policy for the clients that connect to it.
 
-    Every stored decision is checked against C{signers} (the owners, and the
-    service itself) before it counts: a row that says C{approved} without a
-    valid signature is treated as unknown, and reported.  Decisions of
-    approvers other than the owners are signed with the service's own key.
+    What a stored decision means is for L{Decisions} to say (its signature,
+    its service, its place in the key's history); this policy adds the
+    identity: a decision is about a key I{and} the names that key proved,
+    so a known key that claims other names is refused with
+    C{identity_changed}.  Keys with no decision in force go to the approver;
+    decisions of approvers other than the owners are signed with the
+    service's own key.
 
-    @ivar identity: the service's identity.
-    @ivar signers: the keys trusted to sign decisions.
-    @ivar bus: where control messages go, if anywhere.
+    @ivar decisions: the decisions in force.
     """
 
     log = Logger()
@@ -78,17 +81,28 @@ class ApprovalPolicy:
         signers: Signers | None = None,
         bus: ControlBus | None = None,
         now: Callable[[], float] = time.time,
+        decisions: Decisions | None = None,
     ) -> None:
+        """
+        @param signers: the owners, whose decisions count (with the
+            service's own); ignored if C{decisions} is given.
+        @param decisions: the service's decisions; by default, ones that
+            remember the newest decision about each key in memory only.
+        """
         self.store = store
         self.approver = approver
         self.identity = identity
-        # A copy: the service's own key signs its approvers' decisions, but
-        # must not join a set the caller shares (with the control channel,
-        # say, which admits owners only).
-        self.signers = Signers(signers if signers is not None else ())
-        self.signers.add(identity.publicKey)
+        if decisions is None:
+            decisions = Decisions(
+                identity,
+                store,
+                Signers(signers if signers is not None else ()),
+                NewestDecisions.inMemory(),
+                bus,
+                now,
+            )
+        self.decisions = decisions
         self.bus = bus
-        self._now = now
 
     @property
     def serviceName(self) -> str:
@@ -123,124 +137,95 @@ class ApprovalPolicy:
             return
         self.log.failure("dwtrust: counting an attempt failed", failure)
 
-    def verified(self, record: KeyRecord) -> SignedDecision | None:
-        """
-        The signed decision behind C{record}, if it verifies and matches the
-        record; L{None} (and a warning) otherwise.
-        """
-        try:
-            decision = SignedDecision.decode(record.decision)
-            self.signers.verify(decision, self.serviceName)
-            if (decision.fingerprint, decision.state) != (
-                record.fingerprint,
-                record.state.value,
-            ):
-                raise DecisionError("the decision does not match the stored record")
-        except DecisionError as e:
-            self.log.warn(
-                "dwtrust: REFUSED a stored decision: {fingerprint} is {state} in"
-                " the store, but {error}",
-                event="dwtrust.forged_decision",
-                fingerprint=record.fingerprint,
-                state=record.state.value,
-                error=str(e),
-            )
-            self._publish(
-                ControlMessage.about(
-                    "forged_decision",
-                    self.serviceName,
-                    record,
-                    state=record.state.value,
-                    reason=f"the store says {record.state.value}, but {e}",
-                )
-            )
-            return None
-        return decision
-
-    def _publish(self, message: ControlMessage) -> None:
-        if self.bus is not None:
-            self.bus.publish(message)
+    def _seen(self, peer: PeerIdentity, source: str) -> None:
+        # Counting the attempt need not hold up the handshake.
+        self.store.seen(peer.fingerprint, source).addErrback(self._countFailed)
 
     async def _check(self, peer: PeerIdentity, source: str) -> None:
         record = await self.store.lookup(peer.fingerprint)
-        if record is not None and record.state is not KeyState.pending:
-            # Counting the attempt need not hold up the handshake.
-            self.store.seen(peer.fingerprint, source).addErrback(self._countFailed)
-            stored = self.verified(record)
-            if record.state is not KeyState.approved:
+        if record is not None:
+            decision = await self.decisions.current(record)
+            if decision is not None:
+                self._sameIdentity(peer, source, decision)
+                self._seen(peer, source)
+                if decision.state != KeyState.approved.value:
+                    code = _REFUSED_STATES[KeyState(decision.state)]
+                    raise Refusal(code, f"this key is {decision.state}")
+                return
+            if record.state not in (KeyState.pending, KeyState.approved):
                 # A refusal stands even unsigned: failing closed is safe.
+                self._seen(peer, source)
                 code = _REFUSED_STATES[record.state]
                 raise Refusal(code, f"this key is {record.state.value}")
-            if stored is not None:
-                return
             # An approval nobody signed counts for nothing: ask afresh.
         for other in await self.store.keysFor(peer.org, peer.service):
             if (
                 other.fingerprint != peer.fingerprint
                 and other.state is KeyState.approved
-                and self.verified(other) is not None
+                and self.decisions.verify(other) is not None
             ):
                 self._identityChanged(peer, source, other)
         # An approver that abstains (fires with None) refuses, storing nothing.
-        decision = await self.approver.requestApproval(
+        answer = await self.approver.requestApproval(
             ApprovalRequest(peer, source, self.serviceName)
         ) or Decision(False, "no approver decided", "policy", remember=False)
+        if answer.signed is not None:
+            # An owner's decision woke this connection: it holds for the
+            # identity the owner saw, which must be the one proved here.
+            self._sameIdentity(peer, source, answer.signed)
         self.log.info(
             "dwtrust: {decided} {peer_name} {fingerprint} from {source}"
             " ({decided_by}: {reason})",
             event="dwtrust.decision",
-            decided="approved" if decision.approved else "refused",
+            decided="approved" if answer.approved else "refused",
             peer_name=peer.name,
             fingerprint=peer.fingerprint,
             source=source,
-            decided_by=decision.decidedBy,
-            reason=decision.reason,
+            decided_by=answer.decidedBy,
+            reason=answer.reason,
         )
-        if decision.remember:
-            state = KeyState.approved if decision.approved else KeyState.denied
-            signed = SignedDecision.make(
-                self.identity,
-                self.serviceName,
+        if answer.remember:
+            await self.decisions.decideFor(
                 peer,
-                state.value,
-                self._now(),
-                f"{decision.decidedBy}: {decision.reason}",
+                KeyState.approved if answer.approved else KeyState.denied,
+                f"{answer.decidedBy}: {answer.reason}",
+                source,
+                answer.decidedBy,
             )
-            await self.store.record(
-                peer, state, source, decision.decidedBy, signed.encode()
-            )
-        if not decision.approved:
-            raise Refusal(ErrorCode.denied, decision.reason)
+        if not answer.approved:
+            raise Refusal(ErrorCode.denied, answer.reason)
+
+    def _sameIdentity(
+        self, peer: PeerIdentity, source: str, decision: SignedDecision
+    ) -> None:
+        """
+        Refuse C{peer} with C{identity_changed} unless it proved the names
+        C{decision} was made about.
+        """
+        known = f"{decision.org}/{decision.subjectService}"
+        if known == peer.name:
+            return
+        raise refuseChangedIdentity(
+            self.bus,
+            self.serviceName,
+            peer,
+            source,
+            f"{peer.fingerprint} claims {peer.name}, but it is {decision.state}"
+            f" as {known}",
+            knownAs=known,
+        )
 
     def _identityChanged(
         self, peer: PeerIdentity, source: str, known: KeyRecord
     ) -> None:
-        self.log.warn(
-            "dwtrust: IDENTITY CHANGED: {peer_name} presented"
-            " {fingerprint} from {source}, but its approved key is"
-            " {known}",
-            event="dwtrust.identity_changed",
-            peer_name=peer.name,
-            fingerprint=peer.fingerprint,
-            known=known.fingerprint,
-            source=source,
-        )
-        self._publish(
-            ControlMessage.about(
-                "identity_changed",
-                self.serviceName,
-                peer,
-                source=source,
-                knownKeys=(known.fingerprint,),
-                reason=(
-                    f"{peer.name} presented a new key; its approved key is"
-                    f" {known.fingerprint}"
-                ),
-            )
-        )
-        raise Refusal(
-            ErrorCode.identity_changed,
-            f"{peer.name} is known with another key",
+        raise refuseChangedIdentity(
+            self.bus,
+            self.serviceName,
+            peer,
+            source,
+            f"{peer.name} presented {peer.fingerprint} from {source}, but its"
+            f" approved key is {known.fingerprint}",
+            knownKeys=(known.fingerprint,),
         )
 
 

@@ -20,12 +20,15 @@ from twisted.internet.interfaces import (
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from ._authority import Decisions
+from ._decision import Signers
 from ._identity import Identity
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import HandshakeFactory, HandshakeProtocol, tlsFactory
 from ._tls import ConnectionCreator
 from .approval import IApprover, approverFromName
 from .store import SQLiteStore
+from .store._newest import NEWEST_FILE, NewestDecisions
 
 #: Seconds from TCP connect to the end of the handshake, approval aside.
 DEFAULT_TIMEOUT = 10.0
@@ -205,8 +208,10 @@ def openAuthenticator(
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT,
 ) -> Deferred[Authenticator]:
     """
-    An L{Authenticator} over the SQLite store at C{store}, for both roles.
-    Its L{Authenticator.close} closes the store.
+    An L{Authenticator} over the SQLite store at C{store}, for both roles,
+    remembering the newest decision about each key in
+    C{newest-decisions.sqlite3} beside it (see L{Decisions}).  Its
+    L{Authenticator.close} closes both.
 
     @param approver: an L{IApprover}, or the name of a built-in one.
     @param strict: refuse servers with no pin, rather than pinning them.
@@ -214,16 +219,25 @@ def openAuthenticator(
     """
     chosen = approverFromName(approver) if isinstance(approver, str) else approver
 
-    def opened(trustStore: SQLiteStore) -> Authenticator:
+    async def open() -> Authenticator:
+        trustStore = await SQLiteStore.open(store)
+        try:
+            newest = await NewestDecisions.open(store.sibling(NEWEST_FILE))
+        except BaseException:
+            await trustStore.close()
+            raise
+        decisions = Decisions(identity, trustStore, Signers(), newest, clock=clock)
         authenticator = Authenticator(
             identity,
-            ApprovalPolicy(trustStore, chosen, identity),
+            ApprovalPolicy(trustStore, chosen, identity, decisions=decisions),
             PinningPolicy(trustStore, strict, expectedServer),
             clock,
             timeout,
             decisionTimeout,
         )
+        decisions.sessions = authenticator.sessionsOf
         authenticator.closeWith(trustStore.close)
+        authenticator.closeWith(newest.close)
         return authenticator
 
-    return SQLiteStore.open(store).addCallback(opened)
+    return Deferred.fromCoroutine(open())

@@ -28,13 +28,8 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
-from ._decision import (
-    DecisionError,
-    SignedDecision,
-    Signers,
-    readOwnerKey,
-    registeredOwners,
-)
+from ._authority import Decisions
+from ._decision import DecisionError, Signers, readOwnerKey, registeredOwners
 from ._endpoints import quoteArgument
 from ._forward import ForwardingFactory
 from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
@@ -47,6 +42,7 @@ from .approval._owners import (
     DEFAULT_MAX_PENDING_PER_SOURCE,
     DEFAULT_REQUEST_TTL,
     OwnersApprover,
+    announceFleetRequests,
 )
 from .control import (
     ControlBus,
@@ -61,11 +57,10 @@ from .store import (
     AnyStore,
     IStoreEvents,
     KeyRecord,
-    KeyState,
-    StoreChange,
     StoreError,
     openStoreAtStartup,
 )
+from .store._newest import NEWEST_FILE, NewestDecisions, NewestError
 
 DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
 DEFAULT_LISTEN = "tcp:7443"
@@ -270,13 +265,14 @@ class _DaemonService(MultiService):
         identity: Identity,
         store: AnyStore,
         options: Options,
-        owners: Signers,
+        decisions: Decisions,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         self._identity = identity
         self._store: AnyStore | None = store
         self._options = options
-        self._owners = owners
+        self._decisions = decisions
+        self._owners = decisions.owners
 
     def privilegedStartService(self) -> None:
         try:
@@ -301,6 +297,9 @@ class _DaemonService(MultiService):
         except BaseException:
             self.stopService()
             raise
+        Deferred.fromCoroutine(self._decisions.carryOver()).addErrback(
+            lambda f: log.failure("dwtrust: carrying decisions over failed", f)
+        )
         listen = self._options["listen"]
         mappings: list[Mapping] = self._options["connect"]
         doing = []
@@ -355,7 +354,9 @@ class _DaemonService(MultiService):
         )
         store, self._store = self._store, None
         if store is not None:
+            self._decisions.stop()
             stopping.addBoth(lambda _: store.close())
+            stopping.addBoth(lambda _: self._decisions.newest.close())
         return stopping.addCallback(lambda _: None)
 
 
@@ -464,7 +465,12 @@ def _makeService(options: Options) -> IService:
     owners = Signers(o.publicKey for o in options["owners"])
     for key in registeredOwners(identity, registrations):
         owners.add(key)
+    try:
+        newest = NewestDecisions.fromPath(directory.child(NEWEST_FILE))
+    except NewestError as e:
+        raise usage.UsageError(str(e)) from None
     bus = ControlBus()
+    decisions = Decisions(identity, store, owners, newest, bus)
     try:
         approver = approverFromSpecs(
             options["approvers"],
@@ -479,7 +485,7 @@ def _makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     clock = IReactorCore(reactor)
-    policy = ApprovalPolicy(store, approver, identity, owners, bus)
+    policy = ApprovalPolicy(store, approver, identity, bus=bus, decisions=decisions)
     authenticator = Authenticator(
         identity,
         policy,
@@ -488,10 +494,11 @@ def _makeService(options: Options) -> IService:
         options["timeout"],
         options["decision-timeout"],
     )
-    bus.watchDecisions(lambda decision: _closeRefused(authenticator, decision))
+    decisions.sessions = authenticator.sessionsOf
     if IStoreEvents.providedBy(store):
-        _watchFleet(store, policy, bus, authenticator)
-    daemon = _DaemonService(identity, store, options, owners)
+        store.watch(decisions.fromFleet)
+        announceFleetRequests(store, bus, identity.name)
+    daemon = _DaemonService(identity, store, options, decisions)
     if audit is not None:
         audit.setServiceParent(daemon)  # type: ignore[no-untyped-call]
     if listen is not None:
@@ -524,6 +531,7 @@ def _makeService(options: Options) -> IService:
             options["max-pending"],
             options["max-pending-per-source"],
             options["owners"],
+            decisions=decisions,
         )
     )
     controlAuthenticator = Authenticator(
@@ -534,7 +542,7 @@ def _makeService(options: Options) -> IService:
     )
     controlPort = StreamServerEndpointService(
         controlAuthenticator.serverEndpoint(control),
-        controlFactory(store, bus, owners, identity.name, provisioning),
+        controlFactory(decisions, bus, provisioning),
     )
     controlPort._raiseSynchronously = True
     controlPort.setServiceParent(daemon)
@@ -592,64 +600,6 @@ def _join(text: str, directory: FilePath[str], store: str | None) -> None:
         token_id=parsed.tokenId[:8],
         output=cloning.stdout.strip(),
     )
-
-
-def _closeRefused(authenticator: Authenticator, decision: SignedDecision) -> None:
-    """
-    A key that is no longer approved loses its open sessions at once.
-    """
-    if decision.state == "approved":
-        return
-    _closeSessions(authenticator, decision.fingerprint, decision.state)
-
-
-def _closeSessions(authenticator: Authenticator, fingerprint: str, state: str) -> None:
-    sessions = authenticator.sessionsOf(fingerprint)
-    for session in sessions:
-        session.transport.abortConnection()
-    if sessions:
-        log.info(
-            "dwtrust: closed {count} session(s) of {fingerprint}, now {state}",
-            event="dwtrust.sessions_closed",
-            count=len(sessions),
-            fingerprint=fingerprint,
-            state=state,
-        )
-
-
-def _watchFleet(
-    store: IStoreEvents,
-    policy: ApprovalPolicy,
-    bus: ControlBus,
-    authenticator: Authenticator,
-) -> None:
-    """
-    Act on what the other instances sharing the store do: a decision made
-    through any of them is verified here as a stored one would be, then
-    wakes the connections held here for it, or closes this key's sessions
-    here; a request raised by another instance is told to the owners
-    watching this one.  This instance's own changes are acted on already.
-    """
-
-    def changed(change: StoreChange) -> None:
-        record = change.record
-        if change.local or record is None:
-            return
-        if change.kind == "pending" and record.state is KeyState.pending:
-            bus.publish(
-                ControlMessage.approvalRequested(
-                    policy.serviceName, record, note="asked through another instance"
-                )
-            )
-        elif change.kind == "decided" and record.state is not KeyState.pending:
-            decision = policy.verified(record)
-            if decision is not None:
-                bus.decided(decision)
-            elif record.state is not KeyState.approved:
-                # A refusal stands even unsigned: failing closed is safe.
-                _closeSessions(authenticator, record.fingerprint, record.state.value)
-
-    store.watch(changed)
 
 
 def _expire(store: AnyStore, bus: ControlBus, service: str) -> Deferred[None]:

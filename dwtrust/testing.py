@@ -35,6 +35,7 @@ from .approval import (
     IApprover,
 )
 from .store import (
+    DecisionConflict,
     IKnownServices,
     ITrustStore,
     KeyRecord,
@@ -43,6 +44,7 @@ from .store import (
     Pin,
     sourceHost,
 )
+from .store._interface import checkPendingCaps
 
 #: The address in-memory connections appear to come from.
 _PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -65,23 +67,57 @@ class MemoryTrustStore:
     """
     A trust store and pin store held in dictionaries.
 
-    @ivar peers: the records, by fingerprint.
+    @ivar peers: the records, by fingerprint, without their decisions.
+    @ivar history: each key's decisions (as records holding them), by
+        fingerprint and place in its history: append-only, as in the SQL
+        stores.
     @ivar pins: the pins, by address.
     """
 
     def __init__(self, now: Callable[[], float] = time.time) -> None:
         self.peers: dict[str, KeyRecord] = {}
+        self.history: dict[str, dict[int, KeyRecord]] = {}
         self.pins: dict[str, Pin] = {}
         self.ownerRegistrations: dict[str, bytes] = {}
         self._now = now
 
+    def _combined(self, fingerprint: str) -> KeyRecord | None:
+        """
+        The key's record with its newest decision, as the SQL stores read it.
+        """
+        peer = self.peers.get(fingerprint)
+        decisions = self.history.get(fingerprint)
+        if not decisions:
+            return peer
+        newest = decisions[max(decisions)]
+        if peer is None:
+            return newest
+        if peer.state is KeyState.pending:
+            return evolve(
+                peer,
+                decision=newest.decision,
+                sequence=newest.sequence,
+                sentBy=newest.sentBy,
+            )
+        return evolve(
+            peer,
+            state=newest.state,
+            decidedBy=newest.decidedBy,
+            decision=newest.decision,
+            sequence=newest.sequence,
+            sentBy=newest.sentBy,
+        )
+
+    def _all(self) -> list[KeyRecord]:
+        keys = dict.fromkeys([*self.peers, *self.history])
+        records = (self._combined(f) for f in keys)
+        return [r for r in records if r is not None]
+
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
-        return succeed(self.peers.get(fingerprint))
+        return succeed(self._combined(fingerprint))
 
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
-        return succeed(
-            [r for r in self.peers.values() if (r.org, r.service) == (org, service)]
-        )
+        return succeed([r for r in self._all() if (r.org, r.service) == (org, service)])
 
     def record(
         self,
@@ -90,7 +126,17 @@ class MemoryTrustStore:
         source: str,
         decidedBy: str,
         decision: bytes = b"",
+        sequence: int = 0,
+        sentBy: str = "",
     ) -> Deferred[KeyRecord]:
+        decisions = self.history.setdefault(peer.fingerprint, {})
+        if sequence in decisions:
+            return fail(
+                DecisionConflict(
+                    f"the store already holds decision {sequence} about"
+                    f" {peer.fingerprint}"
+                )
+            )
         now = self._now()
         old = self.peers.get(peer.fingerprint)
         self.peers[peer.fingerprint] = record = KeyRecord(
@@ -105,9 +151,13 @@ class MemoryTrustStore:
             old.attempts if old else 1,
             source,
             decidedBy,
-            decision,
         )
-        return succeed(record)
+        decisions[sequence] = evolve(
+            record, decision=decision, sequence=sequence, sentBy=sentBy
+        )
+        combined = self._combined(peer.fingerprint)
+        assert combined is not None
+        return succeed(combined)
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
         old = self.peers.get(fingerprint)
@@ -129,13 +179,14 @@ class MemoryTrustStore:
         old = self.peers.get(peer.fingerprint)
         if old is not None and old.state is KeyState.pending:
             self.seen(peer.fingerprint, source)
-            return succeed((self.peers[peer.fingerprint], False))
+            return succeed((self._combined(peer.fingerprint) or old, False))
         pending = [r for r in self.peers.values() if r.state is KeyState.pending]
         host = sourceHost(source)
-        if sum(sourceHost(r.source) == host for r in pending) >= maxPerSource:
-            return fail(PendingFull(f"{source} has too many pending requests"))
-        if len(pending) >= maxTotal:
-            return fail(PendingFull("too many requests are pending"))
+        fromHost = sum(sourceHost(r.source) == host for r in pending)
+        try:
+            checkPendingCaps(host, fromHost, len(pending), maxPerSource, maxTotal)
+        except PendingFull as e:
+            return fail(e)
         now = self._now()
         self.peers[peer.fingerprint] = record = KeyRecord(
             peer.fingerprint,
@@ -153,21 +204,17 @@ class MemoryTrustStore:
             requestId,
             expires,
         )
-        return succeed((record, True))
+        return succeed((self._combined(peer.fingerprint) or record, True))
 
     def pending(self) -> Deferred[list[KeyRecord]]:
-        return succeed([r for r in self.peers.values() if r.state is KeyState.pending])
+        return succeed([r for r in self._all() if r.state is KeyState.pending])
 
     def decided(self) -> Deferred[list[KeyRecord]]:
-        return succeed(
-            [r for r in self.peers.values() if r.state is not KeyState.pending]
-        )
+        return succeed([r for r in self._all() if r.state is not KeyState.pending])
 
     def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
         lapsed = [
-            r
-            for r in self.peers.values()
-            if r.state is KeyState.pending and r.expires < now
+            r for r in self._all() if r.state is KeyState.pending and r.expires < now
         ]
         for record in lapsed:
             del self.peers[record.fingerprint]
@@ -284,20 +331,47 @@ def connectInMemory(
 def recordDecision(
     store: ITrustStore,
     signer: Identity,
-    service: str,
+    service: Identity | PeerIdentity,
     peer: PeerIdentity,
     state: KeyState,
     source: str = "test",
     now: float = 0.0,
+    sequence: int | None = None,
 ) -> Deferred[KeyRecord]:
     """
-    Store a decision about C{peer}, signed by C{signer} (a service's own
-    identity, or a registered owner's), as the control channel would.
+    Store a decision about C{peer} for C{service} (the service's identity:
+    decisions are bound to its name and its key), signed by C{signer} (the
+    service's own identity, or a registered owner's), as the control channel
+    would: at the next place in the key's history, unless C{sequence} says
+    which.
     """
-    decision = SignedDecision.make(
-        signer, service, peer, state.value, now or time.time(), "recorded in a test"
-    )
-    return store.record(peer, state, source, signer.fingerprint, decision.encode())
+
+    async def record() -> KeyRecord:
+        place = sequence
+        if place is None:
+            existing = await store.lookup(peer.fingerprint)
+            place = max(existing.sequence if existing else 0, 0) + 1
+        decision = SignedDecision.make(
+            signer,
+            service.name,
+            peer,
+            state.value,
+            now or time.time(),
+            "recorded in a test",
+            service.fingerprint,
+            place,
+        )
+        return await store.record(
+            peer,
+            state,
+            source,
+            signer.fingerprint,
+            decision.encode(),
+            place,
+            signer.fingerprint,
+        )
+
+    return Deferred.fromCoroutine(record())
 
 
 # --- Testing approval callbacks ------------------------------------------------

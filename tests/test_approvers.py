@@ -3,9 +3,9 @@ Tests for L{dwtrust.approval}'s built-in approvers and their composition, the
 webhook against a real HTTP server on loopback, Python approval callbacks,
 and L{dwtrust.testing}'s helpers for testing one's own.
 
-L{Catalogue} and L{AcmePolicy} are the worked example of
-C{docs/approval.rst}, which includes them (and L{AcmePolicyTests}) from
-here: change them together.
+L{Catalogue} and L{AcmePolicy} are a user's own asynchronous policy, tested
+in memory; the worked example of C{docs/approval.rst} is tested in
+C{tests/test_approval_example.py}.
 """
 
 from __future__ import annotations
@@ -88,57 +88,66 @@ def eventsOf(observer: EventLoggingObserver, event: str) -> list[dict[str, Any]]
     return [e for e in observer if e.get("event") == event]
 
 
-# --- The worked example of docs/approval.rst ---------------------------------
+# --- A user's own asynchronous policy -----------------------------------------
 
 
 class Catalogue:
     """
-    acme's service catalogue: the services acme runs.  A lookup takes a
-    while, as a call to a real catalogue's HTTP API would.
+    acme's catalogue of the keys it handed out, each with the C{org/service}
+    it was issued for.  A lookup takes a while, as a call to a real
+    catalogue's HTTP API would.
     """
 
-    def __init__(self, clock: IReactorTime, services: Iterable[str]) -> None:
+    def __init__(self, clock: IReactorTime, keys: dict[str, str]) -> None:
         self.clock = clock
-        self.services = set(services)
+        self.keys = dict(keys)
 
-    def lookup(self, service: str) -> Deferred[bool]:
-        return deferLater(self.clock, 0.5, lambda: service in self.services)
+    def lookup(self, fingerprint: str) -> Deferred[str | None]:
+        return deferLater(self.clock, 0.5, lambda: self.keys.get(fingerprint))
 
 
 class AcmePolicy:
     """
-    acme's approval policy: acme's own services are approved once the
-    catalogue lists them; the org "evil" is refused outright; about everyone
-    else it has no opinion, so the next approver (the owners) decides.
+    acme's approval policy, which decides on keys (names are only claims):
+    a key the catalogue lists is approved if it proved the name it was issued
+    for, and refused otherwise; a banned key is refused outright; about other
+    keys it has no opinion, so the next approver (the owners) decides.
     """
 
     name = "acme-policy"
 
-    def __init__(self, catalogue: Catalogue) -> None:
+    def __init__(self, catalogue: Catalogue, banned: Iterable[str] = ()) -> None:
         self.catalogue = catalogue
+        self.banned = set(banned)
 
     def __call__(self, request: ApprovalRequest) -> Deferred[Decision | None]:
         peer = request.peer
-        if peer.org == "evil":
+        if peer.fingerprint in self.banned:
             # Refused every time, and never stored.
             return succeed(
-                Decision(False, "evil is not welcome", self.name, remember=False)
+                Decision(False, "this key is banned", self.name, remember=False)
             )
-        if peer.org != "acme":
-            return succeed(None)
 
-        def listed(known: bool) -> Decision | None:
-            if not known:
+        def listed(issuedAs: str | None) -> Decision | None:
+            if issuedAs is None:
                 return None
+            if issuedAs != peer.name:
+                return Decision(
+                    False, f"this key was issued to {issuedAs}", self.name, False
+                )
             # Remembered: signed, stored, and later connections pass at once.
-            return Decision(True, f"{peer.service} is in the catalogue", self.name)
+            return Decision(True, f"{peer.name} is in the catalogue", self.name)
 
-        return self.catalogue.lookup(peer.service).addCallback(listed)
+        return self.catalogue.lookup(peer.fingerprint).addCallback(listed)
 
 
-#: For C{--approver python:tests.test_approvers.acmePolicy}.
+#: For C{--approver python:tests.test_approvers.acmePolicy}: it knows the key
+#: of L{ACME_BILLING}.
+ACME_BILLING = approvalRequest()
 acmePolicyClock = Clock()
-acmePolicy = AcmePolicy(Catalogue(acmePolicyClock, ["billing"]))
+acmePolicy = AcmePolicy(
+    Catalogue(acmePolicyClock, {ACME_BILLING.peer.fingerprint: "acme/billing"})
+)
 
 
 # --- Approval callbacks, for python: specs -----------------------------------
@@ -1005,7 +1014,12 @@ class AcmePolicyTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.policy = AcmePolicy(Catalogue(self.clock, ["billing"]))
+        self.billing = approvalRequest(org="acme", service="billing")
+        self.banned = approvalRequest(org="evil")
+        self.policy = AcmePolicy(
+            Catalogue(self.clock, {self.billing.peer.fingerprint: "acme/billing"}),
+            [self.banned.peer.fingerprint],
+        )
         self.owners = FakeApprover()
         self.store = MemoryTrustStore()
         self.approver = ChainApprover(
@@ -1018,49 +1032,64 @@ class AcmePolicyTests(SynchronousTestCase):
         """
         C{decide} runs the callback as C{--approver python:...} would.
         """
-        evil = decide(self.policy, approvalRequest(org="evil"))
+        banned = decide(self.policy, self.banned)
         self.assertEqual(
-            evil, Decision(False, "evil is not welcome", "acme-policy", False)
+            banned, Decision(False, "this key is banned", "acme-policy", False)
         )
-        self.assertIsNone(decide(self.policy, approvalRequest(org="other")))
-        # acme's own services wait for the catalogue.
-        self.assertRaises(NotDecided, decide, self.policy, approvalRequest())
+        # Every other key waits for the catalogue.
+        self.assertRaises(NotDecided, decide, self.policy, self.billing)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_acmeServiceApproved(self) -> None:
+    def test_listedKeyApproved(self) -> None:
         """
-        An acme service in the catalogue is approved once the lookup is done;
-        the approval is signed and stored, and the owners are not asked.
+        A key in the catalogue, with the name it was issued for, is approved
+        once the lookup is done; the approval is signed and stored, and the
+        owners are not asked.
         """
-        peer = approvalRequest(org="acme", service="billing").peer
+        peer = self.billing.peer
         checked = self.trust.check(peer, "10.0.0.1:1234")
         self.assertNoResult(checked)
         self.clock.advance(0.5)
         self.assertIsNone(self.successResultOf(checked))
-        record = self.store.peers[peer.fingerprint]
+        record = self.successResultOf(self.store.lookup(peer.fingerprint))
+        assert record is not None
         self.assertIs(record.state, KeyState.approved)
         self.assertEqual(record.decidedBy, "acme-policy")
-        self.assertIsNotNone(self.trust.verified(record))
+        self.assertIsNotNone(self.trust.decisions.verify(record))
         self.assertEqual(self.owners.requests, [])
 
-    def test_evilRefused(self) -> None:
+    def test_listedKeyClaimingAnotherNameRefused(self) -> None:
         """
-        Org C{evil} is refused at once, and nothing is stored.
+        A key in the catalogue that claims a name other than the one it was
+        issued for is refused, and nothing is stored.
         """
-        peer = approvalRequest(org="evil").peer
+        impostor = PeerIdentity("acme", "admin", self.billing.peer.publicKey)
+        checked = self.trust.check(impostor, "src")
+        self.clock.advance(0.5)
+        refusal = self.failureResultOf(checked, Refusal).value
+        self.assertEqual(refusal.code, ErrorCode.denied)
+        self.assertIn("acme/billing", refusal.message)
+        self.assertEqual(self.store.peers, {})
+        self.assertEqual(self.owners.requests, [])
+
+    def test_bannedRefused(self) -> None:
+        """
+        A banned key is refused at once, and nothing is stored.
+        """
+        peer = self.banned.peer
         refusal = self.failureResultOf(self.trust.check(peer, "src"), Refusal).value
         self.assertEqual(refusal.code, ErrorCode.denied)
-        self.assertEqual(refusal.message, "evil is not welcome")
+        self.assertEqual(refusal.message, "this key is banned")
         self.assertEqual(self.store.peers, {})
         self.assertEqual(self.owners.requests, [])
 
     def test_othersGoToTheOwners(self) -> None:
         """
-        Other orgs, and acme services the catalogue does not list, are the
-        owners' to decide.
+        Keys the catalogue does not list, even claiming a listed name, are
+        the owners' to decide.
         """
         other = approvalRequest(org="other").peer
-        unlisted = approvalRequest(org="acme", service="payroll").peer
+        unlisted = approvalRequest(org="acme", service="billing").peer
         checkedOther = self.trust.check(other, "src")
         checkedUnlisted = self.trust.check(unlisted, "src")
         self.clock.advance(0.5)
@@ -1089,6 +1118,7 @@ class AcmePolicyTests(SynchronousTestCase):
         policy looks it up, and goes on when it approves.
         """
         client = Identity.generate("acme", "billing")
+        self.policy.catalogue.keys[client.fingerprint] = "acme/billing"
         server = memoryAuthenticator(
             self.service, self.store, self.approver, self.clock
         )
@@ -1128,12 +1158,12 @@ class PythonSpecExampleTests(SynchronousTestCase):
             [f"python:{HERE}.acmePolicy", "owners"], FakeApprover()
         )
         assert isinstance(approver, ChainApprover)
-        asked = approver.requestApproval(approvalRequest())
+        asked = approver.requestApproval(ACME_BILLING)
         self.assertNoResult(asked)
         acmePolicyClock.advance(0.5)
         decision = self.successResultOf(asked)
         self.assertEqual(
-            decision, Decision(True, "billing is in the catalogue", "acme-policy")
+            decision, Decision(True, "acme/billing is in the catalogue", "acme-policy")
         )
 
 

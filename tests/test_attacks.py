@@ -101,7 +101,7 @@ class AttackCase(SynchronousTestCase):
         recordDecision(
             self.server.store,
             self.server.identity,
-            self.server.identity.name,
+            self.server.identity,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.approved,
             "10.0.0.1:1234",
@@ -574,7 +574,7 @@ class SpoofingTests(AttackCase):
         recordDecision(
             self.server.store,
             self.server.identity,
-            self.server.identity.name,
+            self.server.identity,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.denied,
             "10.0.0.1:1234",
@@ -973,7 +973,7 @@ class KnownClientTests(SynchronousTestCase):
         recordDecision(
             server.store,
             server.identity,
-            server.identity.name,
+            server.identity,
             PeerIdentity("acme", "billing", client.identity.publicKey),
             KeyState.revoked,
             "10.0.0.1:1234",

@@ -60,6 +60,7 @@ from dwtrust.control import (
 from dwtrust.store import KeyState
 from dwtrust.testing import MemoryTrustStore, recordDecision
 
+from .deciding import decisionsFor
 from .helpers import makeIdentity, temporaryDirectory
 from .test_control import ControlTestCase, peerOf
 
@@ -330,7 +331,9 @@ class JSONTests(SynchronousTestCase):
         owner = makeIdentity("acme", "alice")
         subject = makeIdentity("acme", "billing")
         peer = PeerIdentity("acme", "billing", subject.publicKey)
-        decision = SignedDecision.make(owner, "acme/ledger", peer, "denied", T0, "no")
+        decision = SignedDecision.make(
+            owner, "acme/ledger", peer, "denied", T0, "no", "SHA256:ledger", 3
+        )
         facts = decisionJSON(decision)
         self.assertEqual(
             {k: v for k, v in facts.items() if k != "signature"},
@@ -344,6 +347,8 @@ class JSONTests(SynchronousTestCase):
                 "decidedAt": int(T0),
                 "reason": "no",
                 "signer": owner.fingerprint,
+                "serviceKey": "SHA256:ledger",
+                "sequence": 3,
             },
         )
         self.assertIsInstance(facts["signature"], str)
@@ -420,7 +425,8 @@ class DecideCommandTests(ControlTestCase):
             ("approved", self.owner.fingerprint),
         )
         self.assertEqual(result["peer"]["state"], "approved")
-        stored = self.store.peers[self.billingNew.fingerprint]
+        stored = self.successResultOf(self.store.lookup(self.billingNew.fingerprint))
+        assert stored is not None
         self.assertEqual(SignedDecision.decode(stored.decision).reason, "ok")
 
     def test_blockDecidedKey(self) -> None:
@@ -527,7 +533,11 @@ class RealCommandTests(TestCase):
         )
         port: IListeningPort = await authenticator.serverEndpoint(
             serverFromString(reactor, f"unix:{self.socket}")
-        ).listen(controlFactory(self.store, self.bus, self.owners, "acme/ledger"))
+        ).listen(
+            controlFactory(
+                decisionsFor(self.daemon, self.store, self.owners, self.bus), self.bus
+            )
+        )
         self.addCleanup(port.stopListening)
         self.billing = makeIdentity("acme", "billing")
         self.peer = PeerIdentity("acme", "billing", self.billing.publicKey)
@@ -595,9 +605,14 @@ class RealCommandTests(TestCase):
             (decision.state, decision.signer, decision.reason),
             ("approved", self.owner.fingerprint, "the new billing box"),
         )
-        stored = self.store.peers[self.peer.fingerprint]
-        self.assertEqual(stored.state, KeyState.approved)
-        self.owners.verify(SignedDecision.decode(stored.decision), "acme/ledger")
+        stored = self.successResultOf(self.store.lookup(self.peer.fingerprint))
+        assert stored is not None
+        self.assertEqual((stored.state, stored.sequence), (KeyState.approved, 1))
+        self.owners.verify(
+            SignedDecision.decode(stored.decision),
+            "acme/ledger",
+            self.daemon.fingerprint,
+        )
 
         status, out, err = await self.dwtrust("peers")
         self.assertEqual((status, err), (OK, ""))
@@ -607,8 +622,9 @@ class RealCommandTests(TestCase):
         status, out, err = await self.dwtrust("revoke", self.peer.fingerprint[:14])
         self.assertEqual((status, err), (OK, ""))
         self.assertTrue(out.startswith("revoked acme/billing"), out)
-        stored = self.store.peers[self.peer.fingerprint]
-        self.assertEqual(stored.state, KeyState.revoked)
+        stored = self.successResultOf(self.store.lookup(self.peer.fingerprint))
+        assert stored is not None
+        self.assertEqual((stored.state, stored.sequence), (KeyState.revoked, 2))
         self.assertEqual(SignedDecision.decode(stored.decision).state, "revoked")
 
     async def test_unknownAndAmbiguous(self) -> None:
@@ -697,7 +713,7 @@ class RealCommandTests(TestCase):
         so that an owner sees an identity change.
         """
         await recordDecision(
-            self.store, self.owner, "acme/ledger", self.peer, KeyState.approved
+            self.store, self.owner, self.daemon, self.peer, KeyState.approved
         )
         replacement = makeIdentity("acme", "billing", slot="replacement")
         await self.store.addPending(

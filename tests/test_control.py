@@ -30,6 +30,7 @@ from dwtrust import (
     PinningPolicy,
     Refusal,
 )
+from dwtrust._authority import Decisions
 from dwtrust._decision import SignedDecision, Signers
 from dwtrust.control import (
     ControlBus,
@@ -54,6 +55,7 @@ from dwtrust.control._protocol import (
 )
 from dwtrust.control._server import ControlFactory
 from dwtrust.store import KeyRecord, KeyState
+from dwtrust.store._newest import NewestDecisions
 from dwtrust.testing import MemoryTrustStore, connectInMemory, recordDecision
 
 from .helpers import makeIdentity
@@ -101,7 +103,16 @@ class ControlTestCase(SynchronousTestCase):
         self.server = Authenticator(
             self.daemon, OwnersOnlyPolicy(self.owners), None, self.clock
         )
-        self.factory = controlFactory(self.store, self.bus, self.owners, SERVICE)
+        self.decisions = Decisions(
+            self.daemon,
+            self.store,
+            self.owners,
+            NewestDecisions.inMemory(),
+            self.bus,
+            self.clock.seconds,
+            self.clock,
+        )
+        self.factory = controlFactory(self.decisions, self.bus)
         self.servers: list[ControlServer] = []
         assert isinstance(self.factory, ControlFactory)
         build = self.factory.buildProtocol
@@ -162,7 +173,7 @@ class ControlTestCase(SynchronousTestCase):
             recordDecision(
                 self.store,
                 signer or self.owner,
-                SERVICE,
+                self.daemon,
                 peer,
                 KeyState.approved,
                 source="10.9.9.9:1000",
@@ -290,6 +301,7 @@ class ListTests(ControlTestCase):
                     {"fingerprint": self.billing.fingerprint, "state": "approved"}
                 ],
                 "knownKeysOmitted": 0,
+                "sequence": 0,
             },
         )
         self.assertEqual(subjectOf(entry), self.billingNew)
@@ -324,8 +336,13 @@ class ListTests(ControlTestCase):
                     "lastSeen",
                     "attempts",
                     "source",
+                    "sentBy",
+                    "sequence",
                 ]
             ),
+        )
+        self.assertEqual(
+            (entry["sequence"], entry["sentBy"]), (1, self.owner.fingerprint)
         )
 
     def test_prefix(self) -> None:
@@ -415,6 +432,8 @@ class DecideTests(ControlTestCase):
         signer: Identity | None = None,
         service: str = SERVICE,
         subject: PeerIdentity | None = None,
+        sequence: int = 1,
+        serviceKey: str | None = None,
     ) -> SignedDecision:
         return SignedDecision.make(
             signer or self.owner,
@@ -423,14 +442,21 @@ class DecideTests(ControlTestCase):
             state,
             NOW + 5,
             "I know this box",
+            serviceKey or self.daemon.fingerprint,
+            sequence,
         )
+
+    def stored(self, peer: PeerIdentity) -> KeyRecord:
+        record = self.successResultOf(self.store.lookup(peer.fingerprint))
+        assert record is not None
+        return record
 
     def assertRefused(self, encoded: bytes, *words: str) -> None:
         """
         Sending C{encoded} fails with L{DecisionRefused} saying C{words}; the
         store is unchanged and nobody hears of a decision.
         """
-        before = dict(self.store.peers)
+        before = (dict(self.store.peers), repr(self.store.history))
         protocol: amp.AMP = self.client.protocol
 
         async def send() -> object:
@@ -442,10 +468,11 @@ class DecideTests(ControlTestCase):
         error = self.failure(d, DecisionRefused)
         for word in words:
             self.assertIn(word, str(error))
-        self.assertEqual(self.store.peers, before)
+        self.assertEqual((dict(self.store.peers), repr(self.store.history)), before)
         self.assertNoResult(self.waiting)
         self.assertEqual([m for m in self.published if m.kind == "decided"], [])
-        self.assertEqual(self.result(self.client.pending()).total, 1, "still open")
+        # The connection is still open: it answers.
+        self.result(self.client.peers())
 
     def test_approve(self) -> None:
         """
@@ -458,13 +485,16 @@ class DecideTests(ControlTestCase):
             (record["fingerprint"], record["state"], record["decidedBy"]),
             (self.billing.fingerprint, "approved", self.owner.fingerprint),
         )
-        stored = self.store.peers[self.billing.fingerprint]
+        stored = self.stored(self.billing)
         self.assertEqual(stored.state, KeyState.approved)
         self.assertEqual(stored.source, SOURCE)
         self.assertEqual(stored.decidedBy, self.owner.fingerprint)
+        self.assertEqual(stored.sentBy, self.owner.fingerprint)
+        self.assertEqual(stored.sequence, 1)
+        self.assertEqual(record["stored"], True)
         again = SignedDecision.decode(stored.decision)
         self.assertEqual(again, decision)
-        self.owners.verify(again, SERVICE)
+        self.owners.verify(again, SERVICE, self.daemon.fingerprint)
         self.assertEqual(self.successResultOf(self.waiting), decision)
         [decided] = [m for m in self.published if m.kind == "decided"]
         self.assertEqual(
@@ -473,9 +503,7 @@ class DecideTests(ControlTestCase):
 
     def test_deny(self) -> None:
         self.result(self.client.decide(self.decision("denied")))
-        self.assertEqual(
-            self.store.peers[self.billing.fingerprint].state, KeyState.denied
-        )
+        self.assertEqual(self.stored(self.billing).state, KeyState.denied)
         self.assertEqual(self.successResultOf(self.waiting).state, "denied")
 
     def test_block(self) -> None:
@@ -484,7 +512,7 @@ class DecideTests(ControlTestCase):
         """
         stranger = peerOf(makeIdentity("evil", "scanner"))
         self.result(self.client.decide(self.decision("blocked", subject=stranger)))
-        stored = self.store.peers[stranger.fingerprint]
+        stored = self.stored(stranger)
         self.assertEqual((stored.state, stored.source), (KeyState.blocked, ""))
 
     def test_revoke(self) -> None:
@@ -493,14 +521,93 @@ class DecideTests(ControlTestCase):
         signature.
         """
         self.approve(self.billingNew)
-        revocation = self.decision("revoked", subject=self.billingNew)
+        revocation = self.decision("revoked", subject=self.billingNew, sequence=2)
         record = self.result(self.client.decide(revocation))
         self.assertEqual(record["state"], "revoked")
-        stored = self.store.peers[self.billingNew.fingerprint]
+        stored = self.stored(self.billingNew)
         self.assertEqual(stored.state, KeyState.revoked)
         self.assertEqual(stored.source, "10.9.9.9:1000")
         self.assertEqual(SignedDecision.decode(stored.decision), revocation)
-        self.owners.verify(SignedDecision.decode(stored.decision), SERVICE)
+        self.owners.verify(
+            SignedDecision.decode(stored.decision), SERVICE, self.daemon.fingerprint
+        )
+
+    def test_olderDecisionRefused(self) -> None:
+        """
+        After a revocation (decision 2), the approval it replaced (decision
+        1), sent again by another owner, is refused as not newer: the key
+        stays revoked, and nothing is stored.
+        """
+        bob = makeIdentity("acme", "bob")
+        self.owners.add(bob.publicKey)
+        approval = self.decision("approved", sequence=1)
+        self.result(self.client.decide(approval))
+        self.result(self.client.decide(self.decision("revoked", sequence=2)))
+        self.waiting = self.bus.waitFor(self.billing.fingerprint)
+        self.published.clear()
+        self.client = self.connectOwner(bob)
+        self.assertRefused(approval.encode(), "not newer", "(2)")
+        stored = self.stored(self.billing)
+        self.assertEqual((stored.state, stored.sequence), (KeyState.revoked, 2))
+
+    def test_sameDecisionAgainRefused(self) -> None:
+        """
+        The decision in force, sent again, is refused as in force already.
+        """
+        approval = self.decision("approved", sequence=1)
+        self.result(self.client.decide(approval))
+        self.waiting = self.bus.waitFor(self.billing.fingerprint)
+        self.published.clear()
+        self.assertRefused(approval.encode(), "in force already")
+
+    def test_conflictingDecisionRefused(self) -> None:
+        """
+        A second decision at a place in the key's history that another
+        owner's decision took meanwhile is refused.
+        """
+        self.result(self.client.decide(self.decision("approved", sequence=1)))
+        self.waiting = self.bus.waitFor(self.billing.fingerprint)
+        self.published.clear()
+        self.assertRefused(self.decision("denied", sequence=1).encode(), "not newer")
+
+    def test_sentByAndSignedByRecorded(self) -> None:
+        """
+        The store records who sent a decision as well as who signed it.
+        """
+        bob = makeIdentity("acme", "bob")
+        self.owners.add(bob.publicKey)
+        signedByAlice = self.decision("approved", sequence=1)
+        bobsClient = self.connectOwner(bob)
+        record = self.result(bobsClient.decide(signedByAlice))
+        self.assertEqual(
+            (record["decidedBy"], record["sentBy"]),
+            (self.owner.fingerprint, bob.fingerprint),
+        )
+        stored = self.stored(self.billing)
+        self.assertEqual(
+            (stored.decidedBy, stored.sentBy), (self.owner.fingerprint, bob.fingerprint)
+        )
+
+    def test_anotherServiceOfTheSameName(self) -> None:
+        """
+        A decision signed for another service with the same name (but its own
+        key) is refused.
+        """
+        twin = makeIdentity("acme", "ledger", slot="twin")
+        self.assertRefused(
+            self.decision(serviceKey=twin.fingerprint).encode(), twin.fingerprint
+        )
+
+    def test_version1Refused(self) -> None:
+        """
+        A version 1 decision (no service key, no place in history) is refused
+        over the control channel.
+        """
+        current = self.decision()
+        old = evolve(current, serviceKey="", sequence=0, signature=b"")
+        old = evolve(old, signature=self.owner.sign(old.payload()))
+        self.assertEqual(old.version, 1)
+        self.assertRefused(old.encode(), "version 1")
 
     def test_signedByNonOwner(self) -> None:
         self.assertRefused(
@@ -547,7 +654,7 @@ class DecideTests(ControlTestCase):
         C{pending} is a key's state, not a decision anyone can sign.
         """
         unsigned = evolve(self.decision(), state="pending")
-        signed = unsigned.withSignature(self.owner.sign(unsigned.payload()))
+        signed = evolve(unsigned, signature=self.owner.sign(unsigned.payload()))
         self.assertRefused(signed.encode(), "'pending'")
 
     def test_renamed(self) -> None:
@@ -566,9 +673,10 @@ class DecideTests(ControlTestCase):
         """
         [entry] = self.result(self.client.pending()).entries
         decision = signDecision(
-            self.owner, self.client.service, entry, "approved", NOW, "ok"
+            self.owner, self.client.peer, entry, "approved", NOW, "ok"
         )
-        self.owners.verify(decision, SERVICE)
+        self.owners.verify(decision, SERVICE, self.daemon.fingerprint)
+        self.assertEqual(decision.sequence, entry["sequence"] + 1)
         self.assertEqual(decision.fingerprint, self.billing.fingerprint)
 
     def test_entryWithAnotherKey(self) -> None:
@@ -584,7 +692,7 @@ class DecideTests(ControlTestCase):
             IdentityError,
             signDecision,
             self.owner,
-            SERVICE,
+            peerOf(self.daemon),
             entry,
             "approved",
             NOW,
@@ -639,7 +747,14 @@ class WatchTests(ControlTestCase):
         self.result(watcher.watch(received.append))
         decider = self.connectOwner()
         decision = SignedDecision.make(
-            self.owner, SERVICE, self.billing, "approved", NOW, "fine"
+            self.owner,
+            SERVICE,
+            self.billing,
+            "approved",
+            NOW,
+            "fine",
+            self.daemon.fingerprint,
+            1,
         )
         self.result(decider.decide(decision))
         watchPump.flush()

@@ -579,31 +579,41 @@ def test_forgedApprovalRefused(site: Site, echo: EchoServer) -> None:
         writeStore(
             site.store,
             f"INSERT INTO peers ({columns})"
-            " VALUES (?, ?, ?, ?, ?, 'approved', ?, ?, 1, '10.9.9.9:1', ?, ?)",
-            (
-                site.fp(name),
-                org,
-                service,
-                algorithm,
-                blob,
-                now,
-                now,
-                site.fp("alice"),
-                decision,
-            ),
+            " VALUES (?, ?, ?, ?, ?, 'approved', ?, ?, 1, '10.9.9.9:1', ?, x'')",
+            (site.fp(name), org, service, algorithm, blob, now, now, site.fp("alice")),
         )
+        if decision:
+            writeStore(
+                site.store,
+                "INSERT INTO decisions VALUES"
+                " (?, 1, ?, ?, ?, ?, 'approved', ?, ?, ?, ?)",
+                (
+                    site.fp(name),
+                    org,
+                    service,
+                    algorithm,
+                    blob,
+                    site.fp("alice"),
+                    site.fp("alice"),
+                    now,
+                    decision,
+                ),
+            )
 
     forge("reports", b"")
     bob = Identity.load(FilePath(str(site.path("bob"))))
     search = readOwnerKey((site.path("search") / f"{PRIVATE_KEY}.pub").read_text())
     forge(
         "search",
-        SignedDecision.make(bob, LEDGER, search, "approved", now, "ok").encode(),
+        SignedDecision.make(
+            bob, LEDGER, search, "approved", now, "ok", site.fp("ledger"), 1
+        ).encode(),
     )
     connection = sqlite3.connect(site.store)
     try:
         [(genuine,)] = connection.execute(
-            "SELECT decision FROM peers WHERE fingerprint = ?", (site.fp("payroll"),)
+            "SELECT decision FROM decisions WHERE fingerprint = ?",
+            (site.fp("payroll"),),
         ).fetchall()
     finally:
         connection.close()
@@ -764,7 +774,14 @@ def test_breakGlassOwner(site: Site, echo: EchoServer) -> None:
     alice = Identity.load(FilePath(str(site.path("alice"))))
     bob2Key = readOwnerKey((site.path("bob2") / f"{PRIVATE_KEY}.pub").read_text())
     forgedRegistration = SignedDecision.make(
-        alice, LEDGER, bob2Key, OWNER, time.time(), "registered owner"
+        alice,
+        LEDGER,
+        bob2Key,
+        OWNER,
+        time.time(),
+        "registered owner",
+        site.fp("ledger"),
+        1,
     )
     writeStore(
         site.store,

@@ -98,11 +98,11 @@ class InstantiateTests(TestCase):
             ("acme", "cli", "instantiate"),
         )
         decision = SignedDecision.decode(record.decision)
-        Signers([server.publicKey]).verify(decision, server.name)
+        Signers([server.publicKey]).verify(decision, server.name, server.fingerprint)
         self.assertEqual(decision.signer, server.fingerprint)
         self.assertEqual(decision.reason, "installed by instantiate")
         policy = ApprovalPolicy(store, KnownOnlyApprover(), server)
-        self.assertIsNotNone(policy.verified(record))
+        self.assertIsNotNone(policy.decisions.verify(record))
 
         pins = await SQLiteStore.open(self.clientStore)
         try:

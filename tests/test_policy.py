@@ -91,7 +91,7 @@ class ApprovalPolicyTests(SynchronousTestCase):
         recorded = recordDecision(
             self.store,
             self.service,
-            self.service.name,
+            self.service,
             peer or self.peer,
             state,
             "10.9.9.9:1",
@@ -189,7 +189,9 @@ class ApprovalPolicyTests(SynchronousTestCase):
         """
         stranger = Identity.generate("evil", "mallory")
         self.successResultOf(
-            recordDecision(self.store, stranger, SERVICE, self.peer, KeyState.approved)
+            recordDecision(
+                self.store, stranger, self.service, self.peer, KeyState.approved
+            )
         )
         checking = self.policy.check(self.peer, "10.9.9.9:1")
         self.assertNoResult(checking)
@@ -200,14 +202,70 @@ class ApprovalPolicyTests(SynchronousTestCase):
         An approval signed by the service's own key, but for another service,
         counts for nothing here.
         """
+        other = Identity.generate("acme", "other")
         self.successResultOf(
             recordDecision(
-                self.store, self.service, "acme/other", self.peer, KeyState.approved
+                self.store, self.service, other, self.peer, KeyState.approved
             )
         )
         checking = self.policy.check(self.peer, "10.9.9.9:1")
         self.assertNoResult(checking)
         self.assertEqual(len(self.approver.requests), 1)
+
+    def test_approvalForAnotherServiceOfTheSameNameIsUnknown(self) -> None:
+        """
+        An approval signed by a registered owner for another service that
+        has the same name, but its own key, counts for nothing here: a
+        decision is bound to the service's key, not only its name.
+        """
+        owner = Identity.generate("acme", "alice")
+        policy = ApprovalPolicy(
+            self.store, self.approver, self.service, Signers([owner.publicKey])
+        )
+        twin = Identity.generate("acme", "ledger")
+        self.assertEqual(twin.name, self.service.name)
+        self.successResultOf(
+            recordDecision(self.store, owner, twin, self.peer, KeyState.approved)
+        )
+        events = observe(self)
+        checking = policy.check(self.peer, "10.9.9.9:1")
+        self.assertNoResult(checking)
+        self.assertEqual(len(self.approver.requests), 1)
+        [forged] = [e for e in events if e.get("event") == "dwtrust.forged_decision"]
+        self.assertIn(twin.fingerprint, forged["error"])
+
+    def test_approvedKeyClaimingAnotherNameRefused(self) -> None:
+        """
+        A key approved as acme/billing that proves the name acme/admin is
+        refused with C{identity_changed}, even when acme/admin has an approved
+        key of its own: the approver is not asked, nothing is stored, and the
+        owners are told, with both names.
+        """
+        self.known(KeyState.approved)
+        admin = peerIdentity("acme", "admin")
+        self.known(KeyState.approved, admin)
+        before = (dict(self.store.peers), dict(self.store.history))
+        events = observe(self)
+        impostor = PeerIdentity("acme", "admin", self.peer.publicKey)
+        refusal = self.refusal(self.policy.check(impostor, SOURCE))
+        self.assertIs(refusal.code, ErrorCode.identity_changed)
+        self.assertIn("acme/billing", refusal.message)
+        self.assertEqual(self.approver.requests, [])
+        self.assertEqual((dict(self.store.peers), dict(self.store.history)), before)
+        [changed] = [e for e in events if e.get("event") == "dwtrust.identity_changed"]
+        self.assertEqual(
+            (changed["peer_name"], changed["known_as"]), ("acme/admin", "acme/billing")
+        )
+
+    def test_refusedKeyClaimingAnotherNameStillRefused(self) -> None:
+        """
+        A revoked key claiming another name is refused too (with
+        C{identity_changed}: the names are checked first).
+        """
+        self.known(KeyState.revoked)
+        impostor = PeerIdentity("acme", "admin", self.peer.publicKey)
+        refusal = self.refusal(self.policy.check(impostor, SOURCE))
+        self.assertIs(refusal.code, ErrorCode.identity_changed)
 
     def test_decisionOfAnotherKeyIsUnknown(self) -> None:
         """
@@ -598,4 +656,4 @@ class SignersNotSharedTests(SynchronousTestCase):
         service = makeServiceIdentity()
         policy = ApprovalPolicy(MemoryTrustStore(), FakeApprover(), service, owners)
         self.assertNotIn(service.fingerprint, owners)
-        self.assertIn(service.fingerprint, policy.signers)
+        self.assertIn(service.fingerprint, policy.decisions.signers)

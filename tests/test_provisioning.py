@@ -94,6 +94,7 @@ from dwtrust.provisioning._tokens import (
 from dwtrust.store import KeyState, SQLiteStore
 from dwtrust.testing import MemoryTrustStore, connectInMemory, recordDecision
 
+from .deciding import decisionsFor, sign
 from .helpers import flushAll, makeIdentity, temporaryDirectory
 
 T = TypeVar("T")
@@ -482,6 +483,7 @@ class KeyRequestsTests(SynchronousTestCase):
         self.bus.watch(self.messages.append)
         self.events = observe(self)
         self.owner = makeIdentity("acme", "alice")
+        self.daemon = makeIdentity("acme", "ledger")
         self.router = peerOf(makeIdentity("acme", "router"))
         self.requests = KeyRequests(SERVICE, self.bus, self.clock, ttl=3600)
 
@@ -495,9 +497,9 @@ class KeyRequestsTests(SynchronousTestCase):
         at: float | None = None,
         reason: str = "the new router",
     ) -> SignedDecision:
-        return SignedDecision.make(
+        return sign(
             self.owner,
-            SERVICE,
+            self.daemon,
             subject or self.router,
             state,
             self.clock.seconds() if at is None else at,
@@ -576,7 +578,7 @@ class KeyRequestsTests(SynchronousTestCase):
         error = self.assertRaises(
             KeyRequestRefused, requests.add, third, "10.0.0.3:1", "c"
         )
-        self.assertIn("2 key requests are already waiting", str(error))
+        self.assertIn("2 key requests are pending already", str(error))
         [event] = eventsNamed(self.events, "dwtrust.key_request.refused")
         self.assertEqual(
             (event["fingerprint"], event["source"]), (third.fingerprint, "10.0.0.3:1")
@@ -595,7 +597,7 @@ class KeyRequestsTests(SynchronousTestCase):
         error = self.assertRaises(
             KeyRequestRefused, requests.add, second, "10.0.0.1:2000", "b"
         )
-        self.assertIn("from 10.0.0.1", str(error))
+        self.assertIn("10.0.0.1 already has 1 pending key requests", str(error))
         [event] = eventsNamed(self.events, "dwtrust.key_request.refused")
         self.assertEqual(event["fingerprint"], second.fingerprint)
         requests.add(second, "10.0.0.2:2000", "b")
@@ -806,7 +808,9 @@ class ChannelTestCase(SynchronousTestCase):
         )
         self.server = Authenticator(self.daemon, ControlPolicy(), None, self.clock)
         self.factory = controlFactory(
-            self.store, self.bus, self.owners, SERVICE, self.provisioning
+            decisionsFor(self.daemon, self.store, self.owners, self.bus, self.clock),
+            self.bus,
+            self.provisioning,
         )
         self.pumps: list[IOPump] = []
 
@@ -889,9 +893,9 @@ class ChannelTestCase(SynchronousTestCase):
     def release(
         self, owner: ControlProtocol, state: str = "release", reason: str = "ok"
     ) -> Deferred[dict[str, Any]]:
-        decision = SignedDecision.make(
+        decision = sign(
             self.owner,
-            SERVICE,
+            self.daemon,
             peerOf(self.router),
             state,
             self.clock.seconds(),
@@ -918,7 +922,7 @@ class ChannelTestCase(SynchronousTestCase):
         itself = Signers([self.daemon.publicKey])
         for registration in registered.values():
             self.assertEqual(registration.state, "owner")
-            itself.verify(registration, SERVICE)
+            itself.verify(registration, SERVICE, self.daemon.fingerprint)
 
 
 class IssueJoinTokenTests(ChannelTestCase):
@@ -960,8 +964,8 @@ class IssueJoinTokenTests(ChannelTestCase):
         stays open.
         """
         stranger = self.connect(self.newcomer)
-        decision = SignedDecision.make(
-            self.newcomer, SERVICE, peerOf(self.router), "release", NOW, "mine"
+        decision = sign(
+            self.newcomer, self.daemon, peerOf(self.router), "release", NOW, "mine"
         )
         calls: list[tuple[type[amp.Command], dict[str, Any]]] = [
             (ListPending, {}),
@@ -989,7 +993,7 @@ class JoinTests(ChannelTestCase):
         self.billing = peerOf(makeIdentity("acme", "billing"))
         self.successResultOf(
             recordDecision(
-                self.store, self.owner, SERVICE, self.billing, KeyState.approved
+                self.store, self.owner, self.daemon, self.billing, KeyState.approved
             )
         )
         self.ownerClient = self.connect(self.owner)
@@ -1200,8 +1204,8 @@ class KeyRequestChannelTests(ChannelTestCase):
         """
         self.requestKey()
         collecting = self.call(self.routerClient, CollectKey)
-        forged = SignedDecision.make(
-            self.router, SERVICE, peerOf(self.router), "release", NOW, "me"
+        forged = sign(
+            self.router, self.daemon, peerOf(self.router), "release", NOW, "me"
         )
         self.refusal(
             DecisionRefused, self.ownerClient, Decide, decision=forged.encode()
@@ -1330,17 +1334,17 @@ class LoopbackTests(TestCase):
         self.billing = peerOf(makeIdentity("acme", "billing"))
         self.payroll = peerOf(makeIdentity("acme", "payroll"))
         await recordDecision(
-            self.store, self.owner, SERVICE, self.billing, KeyState.approved
+            self.store, self.owner, self.daemon, self.billing, KeyState.approved
         )
         # A record the store holds, signed by a key that is no owner's, and
         # that key's own "registration", not signed by the service: a clone
         # must take neither.
-        forgedOwner = SignedDecision.make(
-            self.stranger, SERVICE, peerOf(self.stranger), "owner", 1e9, "me too"
+        forgedOwner = sign(
+            self.stranger, self.daemon, peerOf(self.stranger), "owner", 1e9, "me too"
         )
         await self.store.addOwner(self.stranger.fingerprint, forgedOwner.encode())
         await recordDecision(
-            self.store, self.stranger, SERVICE, self.payroll, KeyState.approved
+            self.store, self.stranger, self.daemon, self.payroll, KeyState.approved
         )
         self.bus = ControlBus()
         self.provisioning = Provisioning(self.daemon, self.store, self.bus, reactor)
@@ -1351,7 +1355,11 @@ class LoopbackTests(TestCase):
             Authenticator(
                 self.daemon, ControlPolicy(), None, reactor
             ).wrapServerFactory(
-                controlFactory(self.store, self.bus, owners, SERVICE, self.provisioning)
+                controlFactory(
+                    decisionsFor(self.daemon, self.store, owners, self.bus),
+                    self.bus,
+                    self.provisioning,
+                )
             )
         )
         port: IListeningPort = await TCP4ServerEndpoint(
@@ -1414,7 +1422,7 @@ class LoopbackTests(TestCase):
             [self.owner.fingerprint],
         )
         Signers([self.owner.publicKey]).verify(
-            SignedDecision.decode(decided[0].decision), SERVICE
+            SignedDecision.decode(decided[0].decision), SERVICE, self.daemon.fingerprint
         )
         self.assertEqual(
             sorted(n for n in self.parent.listdir() if n.startswith(".")), []
@@ -1473,9 +1481,7 @@ class LoopbackTests(TestCase):
 
         def release(request: KeyRequest) -> None:
             self.keyRequests.decide(
-                SignedDecision.make(
-                    self.owner, SERVICE, request.peer, "release", 2e9, "go"
-                )
+                sign(self.owner, self.daemon, request.peer, "release", 2e9, "go")
             )
 
         self.keyRequests.onWait = release
@@ -1504,9 +1510,7 @@ class LoopbackTests(TestCase):
 
         def withhold(request: KeyRequest) -> None:
             self.keyRequests.decide(
-                SignedDecision.make(
-                    self.owner, SERVICE, request.peer, "withhold", 2e9, "nope"
-                )
+                sign(self.owner, self.daemon, request.peer, "withhold", 2e9, "nope")
             )
 
         self.keyRequests.onWait = withhold

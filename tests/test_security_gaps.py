@@ -203,7 +203,7 @@ class LoggedRefusalTests(AttackCase):
         recordDecision(
             self.server.store,
             self.server.identity,
-            self.server.identity.name,
+            self.server.identity,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.revoked,
             "10.0.0.1:1234",
@@ -256,7 +256,7 @@ class PendingFloodTests(AttackCase):
         recordDecision(
             store,
             self.server.identity,
-            self.server.identity.name,
+            self.server.identity,
             PeerIdentity("acme", "billing", self.legitimate.publicKey),
             KeyState.approved,
             "10.0.0.1:1234",

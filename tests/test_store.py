@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from dwtrust import Identity, PeerIdentity
 from dwtrust.store import (
     SCHEMA_VERSION,
+    DecisionConflict,
     IKnownServices,
     ITrustStore,
     KeyRecord,
@@ -33,7 +34,7 @@ from dwtrust.store import (
     StoreError,
     sourceHost,
 )
-from dwtrust.store._sqlite import migrateFile
+from dwtrust.store._sqlite import MIGRATIONS, migrateFile
 from dwtrust.testing import MemoryTrustStore
 
 TrustAndPins = SQLiteStore | MemoryTrustStore
@@ -94,12 +95,16 @@ EXPECTED_SCHEMA = [
     ("index", "known_services_by_service"),
     ("index", "peers_by_service"),
     ("index", "peers_pending_by_source"),
+    ("index", "sqlite_autoindex_decisions_1"),
     ("index", "sqlite_autoindex_known_services_1"),
     ("index", "sqlite_autoindex_owners_1"),
     ("index", "sqlite_autoindex_peers_1"),
+    ("table", "decisions"),
     ("table", "known_services"),
     ("table", "owners"),
     ("table", "peers"),
+    ("trigger", "decisions_are_not_deleted"),
+    ("trigger", "decisions_are_not_updated"),
 ]
 
 
@@ -173,6 +178,7 @@ class StoreContractMixin:
                 attempts=1,
                 source="10.1.2.3:5000",
                 decidedBy="owner:alice",
+                sequence=0,
             )
             self.assertEqual(recorded, expected)
             self.assertEqual(await store.lookup(peer.fingerprint), expected)
@@ -189,11 +195,13 @@ class StoreContractMixin:
             now = FakeNow(100.0)
             store = await self._store(now)
             peer = peerIdentity()
-            await store.record(peer, KeyState.pending, "10.0.0.1:1", "")
+            await store.record(peer, KeyState.approved, "10.0.0.1:1", "", b"a", 1)
             now.when = 250.0
             updated = await store.record(
-                peer, KeyState.revoked, "10.0.0.2:2", "owner:bob"
+                peer, KeyState.revoked, "10.0.0.2:2", "owner:bob", b"r", 2, "bob"
             )
+            self.assertEqual((updated.decision, updated.sequence), (b"r", 2))
+            self.assertEqual(updated.sentBy, "bob")
             self.assertIs(updated.state, KeyState.revoked)
             self.assertEqual(updated.firstSeen, 100.0)
             self.assertEqual(updated.lastSeen, 250.0)
@@ -376,24 +384,69 @@ class StoreContractMixin:
 
         return Deferred.fromCoroutine(run())
 
-    def test_pendingReplacesUnverifiedRow(self) -> Deferred[None]:
+    def test_pendingBesideUnverifiedDecision(self) -> Deferred[None]:
         """
-        A request for a key whose row holds a decision nobody could verify
-        (the policy treats the key as unknown) replaces that row with a
-        pending request, with no decision left in it.
+        A request for a key whose newest decision nobody could verify (the
+        policy treats the key as unknown) makes the key pending; the
+        decision stays in its history, which is append-only.
         """
 
         async def run() -> None:
             store = await self._store(FakeNow(10.0))
             peer = peerIdentity()
-            await store.record(peer, KeyState.approved, "10.0.0.1:1", "forger")
+            await store.record(peer, KeyState.approved, "10.0.0.1:1", "forger", b"x", 3)
             record, created = await store.addPending(
                 peer, "10.0.0.1:2", "req", 99, 5, 5
             )
             self.assertTrue(created)
             self.assertIs(record.state, KeyState.pending)
-            self.assertEqual((record.decision, record.decidedBy), (b"", ""))
+            self.assertEqual((record.decision, record.sequence), (b"x", 3))
             self.assertEqual(record.requestId, "req")
+            self.assertEqual(await store.lookup(peer.fingerprint), record)
+            self.assertEqual(await store.pending(), [record])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_historyIsAppendOnly(self) -> Deferred[None]:
+        """
+        A decision at a place in a key's history that is taken already is
+        refused with L{DecisionConflict}, and changes nothing.
+        """
+
+        async def run() -> None:
+            store = await self._store(FakeNow(10.0))
+            peer = peerIdentity()
+            await store.record(peer, KeyState.approved, "s", "alice", b"a1", 1, "a")
+            revoked = await store.record(
+                peer, KeyState.revoked, "s", "alice", b"r2", 2, "a"
+            )
+            failure = None
+            try:
+                await store.record(peer, KeyState.approved, "s", "bob", b"b1", 1, "b")
+            except DecisionConflict as e:
+                failure = e
+            self.assertIsInstance(failure, DecisionConflict)
+            self.assertEqual(await store.lookup(peer.fingerprint), revoked)
+            self.assertEqual(await store.decided(), [revoked])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_newestIsTheHighestPlace(self) -> Deferred[None]:
+        """
+        The record holds the decision with the highest place in the key's
+        history, whatever the order they were stored in.
+        """
+
+        async def run() -> None:
+            store = await self._store(FakeNow(10.0))
+            peer = peerIdentity()
+            await store.record(peer, KeyState.revoked, "s", "alice", b"r5", 5)
+            await store.record(peer, KeyState.approved, "s", "alice", b"a4", 4)
+            record = await store.lookup(peer.fingerprint)
+            assert record is not None
+            self.assertEqual((record.decision, record.sequence), (b"r5", 5))
+            self.assertIs(record.state, KeyState.revoked)
+            self.assertEqual(await store.keysFor("acme", "billing"), [record])
 
         return Deferred.fromCoroutine(run())
 
@@ -460,6 +513,108 @@ class SQLiteFileTests(TestCase):
         self.addCleanup(store.close)
         self.assertEqual(userVersion(self.path.path), SCHEMA_VERSION)
         self.assertEqual(schemaObjects(self.path.path), EXPECTED_SCHEMA)
+
+    def test_decisionsCannotBeChangedInPlace(self) -> Deferred[None]:
+        """
+        The file refuses to update or delete a stored decision, whoever asks.
+        """
+
+        async def run() -> None:
+            store = await self._open()
+            peer = peerIdentity()
+            await store.record(peer, KeyState.revoked, "s", "alice", b"r", 2)
+            connection = sqlite3.connect(self.path.path)
+            try:
+                for statement in (
+                    "UPDATE decisions SET sequence = 9",
+                    "DELETE FROM decisions",
+                ):
+                    with self.assertRaises(sqlite3.DatabaseError) as caught:
+                        connection.execute(statement)
+                    self.assertIn("append-only", str(caught.exception))
+            finally:
+                connection.close()
+            record = await store.lookup(peer.fingerprint)
+            assert record is not None
+            self.assertEqual((record.decision, record.sequence), (b"r", 2))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_decisionOutlivesItsPeerRow(self) -> Deferred[None]:
+        """
+        A key whose C{peers} row was removed behind the store's back is still
+        found, with its newest decision: removing the row does not make a
+        revoked key unknown.
+        """
+
+        async def run() -> None:
+            store = await self._open(FakeNow(50.0))
+            peer = peerIdentity()
+            await store.record(peer, KeyState.revoked, "s", "alice", b"r", 2, "a")
+            connection = sqlite3.connect(self.path.path)
+            try:
+                with connection:
+                    connection.execute("DELETE FROM peers")
+            finally:
+                connection.close()
+            store._cache.changed(record=peer.fingerprint)
+            record = await store.lookup(peer.fingerprint)
+            assert record is not None
+            self.assertEqual(
+                (record.state, record.decision, record.sequence, record.sentBy),
+                (KeyState.revoked, b"r", 2, "a"),
+            )
+            self.assertEqual((record.org, record.service), ("acme", "billing"))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_migrationKeepsOldDecisionsAtPlaceZero(self) -> Deferred[None]:
+        """
+        Migrating a version 2 file puts each stored decision in the new
+        history at place 0 (it has none of its own), and leaves pending
+        requests pending.
+        """
+        connection = sqlite3.connect(self.path.path, isolation_level=None)
+        try:
+            for step in MIGRATIONS[:2]:
+                connection.executescript(step)
+            connection.execute("PRAGMA user_version = 2")
+            peer, waiting = peerIdentity(), peerIdentity("acme", "other")
+            for who, state, decision in (
+                (peer, "approved", b"d"),
+                (waiting, "pending", b""),
+            ):
+                connection.execute(
+                    "INSERT INTO peers (fingerprint, org, service, algorithm,"
+                    " public_key, state, first_seen, last_seen, attempts, source,"
+                    " decided_by, decision) VALUES (?, ?, ?, ?, ?, ?, 1, 2, 3,"
+                    " 'src', 'alice', ?)",
+                    (
+                        who.fingerprint,
+                        who.org,
+                        who.service,
+                        who.algorithm,
+                        who.publicKey.blob,
+                        state,
+                        decision,
+                    ),
+                )
+        finally:
+            connection.close()
+        self.assertEqual(migrateFile(self.path.path), 2)
+
+        async def run() -> None:
+            store = await self._open()
+            old = await store.lookup(peer.fingerprint)
+            assert old is not None
+            self.assertEqual(
+                (old.state, old.decision, old.sequence, old.decidedBy, old.attempts),
+                (KeyState.approved, b"d", 0, "alice", 3),
+            )
+            pending = await store.pending()
+            self.assertEqual([r.fingerprint for r in pending], [waiting.fingerprint])
+
+        return Deferred.fromCoroutine(run())
 
     def test_reopenKeepsRecordsAndPins(self) -> Deferred[None]:
         """

@@ -41,7 +41,8 @@ class CacheTests(TestCase):
 
     def writeBehindItsBack(self, state: str) -> None:
         """
-        Change the peer's state as another process would.
+        Change the peer's state as another process would: one more decision
+        in its history.
         """
         connection = sqlite3.connect(self.path.path)
         try:
@@ -49,6 +50,14 @@ class CacheTests(TestCase):
                 connection.execute(
                     "UPDATE peers SET state = ? WHERE fingerprint = ?",
                     (state, self.peer.fingerprint),
+                )
+                connection.execute(
+                    "INSERT INTO decisions SELECT fingerprint,"
+                    " (SELECT COALESCE(MAX(sequence), 0) + 1 FROM decisions"
+                    "  WHERE fingerprint = ?), org, service, algorithm,"
+                    " public_key, ?, 'other', 'other', 0, x'' FROM peers"
+                    " WHERE fingerprint = ?",
+                    (self.peer.fingerprint, state, self.peer.fingerprint),
                 )
         finally:
             connection.close()
@@ -101,7 +110,7 @@ class CacheTests(TestCase):
         The store's own write is seen by the very next lookup, with no check.
         """
         await self.cached()
-        await self.store.record(self.peer, KeyState.revoked, "10.0.0.1:1", "t")
+        await self.store.record(self.peer, KeyState.revoked, "10.0.0.1:1", "t", b"", 2)
         record = await self.store.lookup(self.peer.fingerprint)
         assert record is not None
         self.assertEqual(record.state, KeyState.revoked)
@@ -115,7 +124,9 @@ class CacheTests(TestCase):
         await self.store.lookup(self.peer.fingerprint)
         await self.settle()
         reading = self.store.lookup(self.peer.fingerprint)
-        writing = self.store.record(self.peer, KeyState.denied, "10.0.0.1:1", "t")
+        writing = self.store.record(
+            self.peer, KeyState.denied, "10.0.0.1:1", "t", b"", 2
+        )
         await reading
         await writing
         record = await self.store.lookup(self.peer.fingerprint)

@@ -442,8 +442,8 @@ class MakeServiceTests(TestCase):
     def test_startAndStop(self) -> Deferred[None]:
         """
         Started, the service listens on the loopback port; stopped, it stops
-        listening (a connection is refused) and closes its store (the store's
-        database thread ends).
+        listening (a connection is refused) and closes its store and its own
+        newest-decisions file (their database threads end).
         """
 
         async def run() -> None:
@@ -453,7 +453,8 @@ class MakeServiceTests(TestCase):
             self.addCleanup(stopIfRunning, service)
             service.startService()
             openThreads = storeThreads() - threadsBefore
-            self.assertEqual(len(openThreads), 1)
+            # The trust store's, and the newest-decisions file's.
+            self.assertEqual(len(openThreads), 2)
             self.assertTrue(service.running)
             ports = listeningPorts() - portsBefore
             # The forwarding port and the owners' control socket.

@@ -9,6 +9,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+from .._decision import SignedDecision
 from .._identity import PeerIdentity
 
 
@@ -37,12 +38,16 @@ class Decision:
     @ivar decidedBy: who decided (an approver's or an owner's name).
     @ivar remember: whether the store records the decision; a policy that
         decides each time afresh says L{False}.
+    @ivar signed: the owner's signed decision behind it, when the owners
+        decided (and stored it already): the connection it wakes must have
+        proved the identity that decision names.
     """
 
     approved: bool
     reason: str
     decidedBy: str
     remember: bool = True
+    signed: SignedDecision | None = None
 
 
 class IApprover(Interface):

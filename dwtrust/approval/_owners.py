@@ -10,14 +10,16 @@ import time
 from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._authority import refuseChangedIdentity
+from .._bus import ControlBus, ControlMessage
 from .._decision import SignedDecision
 from .._machine import Refusal
 from .._wire import ErrorCode
-from ..control import ControlBus, ControlMessage
-from ..store import ITrustStore, PendingFull
+from ..store import IStoreEvents, ITrustStore, KeyState, PendingFull, StoreChange
 from ._interface import ApprovalRequest, Decision, IApprover
 
 #: Seconds a pending request lives, unless an owner decides sooner.
@@ -55,6 +57,7 @@ class OwnersApprover:
     """
 
     name = "owners"
+    log = Logger()
 
     def __init__(
         self,
@@ -95,6 +98,20 @@ class OwnersApprover:
         except BaseException:
             _stop(waiting)
             raise
+        if (record.org, record.service) != (peer.org, peer.service):
+            # The request the owners see names the identity first proved
+            # with this key; a connection claiming another is refused.
+            _stop(waiting)
+            knownAs = f"{record.org}/{record.service}"
+            raise refuseChangedIdentity(
+                self.bus,
+                request.service,
+                peer,
+                request.source,
+                f"{peer.fingerprint} claims {peer.name}, but it is pending"
+                f" as {knownAs}",
+                knownAs=knownAs,
+            )
         if created:
             known = await self.store.keysFor(peer.org, peer.service)
             self.bus.publish(
@@ -114,4 +131,28 @@ class OwnersApprover:
             decision.reason or f"{decision.state} by an owner",
             decision.signer,
             remember=False,
+            signed=decision,
         )
+
+
+def announceFleetRequests(store: IStoreEvents, bus: ControlBus, service: str) -> None:
+    """
+    Tell the owners watching this instance of the requests raised through
+    the other instances that share C{store}.
+    """
+
+    def changed(change: StoreChange) -> None:
+        record = change.record
+        if (
+            not change.local
+            and record is not None
+            and change.kind == "pending"
+            and record.state is KeyState.pending
+        ):
+            bus.publish(
+                ControlMessage.approvalRequested(
+                    service, record, note="asked through another instance"
+                )
+            )
+
+    store.watch(changed)

@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ..control import ControlMessage
+from .._bus import ControlMessage
 from ._interface import ApprovalRequest, Decision, IApprover
 
 #: Seconds allowed for the whole exchange: connecting, sending, the response.

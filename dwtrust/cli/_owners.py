@@ -433,6 +433,8 @@ def decisionJSON(decision: SignedDecision) -> dict[str, Any]:
         "decidedAt": decision.decidedAt,
         "reason": decision.reason,
         "signer": decision.signer,
+        "serviceKey": decision.serviceKey,
+        "sequence": decision.sequence,
         "signature": base64.b64encode(decision.signature).decode("ascii"),
     }
 
@@ -500,7 +502,7 @@ async def _decideCommand(
     try:
         decision = signDecision(
             identity,
-            client.service,
+            client.peer,
             entry,
             state,
             time.time(),
@@ -520,6 +522,16 @@ async def _decideCommand(
         )
     else:
         out.write(describeDecision(decision, entry) + "\n")
+        if record.get("stored") is False:
+            out.write(
+                _printable(
+                    "dwtrust: it is in force on the service, but NOT STORED yet"
+                    f" ({record.get('storeError') or 'the trust store failed'});"
+                    " the service keeps refusing the key and keeps trying to"
+                    " store it"
+                )
+                + "\n"
+            )
     return OK
 
 

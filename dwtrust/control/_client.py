@@ -5,7 +5,7 @@ An owner's end of the control channel.
                                pins)
     listing = await client.pending()
     entry = listing.entries[0]
-    await client.decide(signDecision(ownerIdentity, client.service, entry,
+    await client.decide(signDecision(ownerIdentity, client.peer, entry,
                                      "approved", time.time(), "the new billing box"))
     client.close()
 
@@ -29,13 +29,13 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .._bus import ControlMessage
 from .._decision import SignedDecision
 from .._identity import Identity, IdentityError, PeerIdentity, PublicKey
 from .._policy import PinningPolicy
 from .._protocol import IAuthenticatedTransport
 from .._wrap import DEFAULT_TIMEOUT, Authenticator
 from ..store import IKnownServices
-from ._bus import ControlMessage
 from ._protocol import Decide, ListPeers, ListPending, Notify, Watch, decodeMessage
 
 #: The most entries a listing gathers, page after page, unless told otherwise.
@@ -253,7 +253,7 @@ def subjectOf(entry: dict[str, Any]) -> PeerIdentity:
 
 def signDecision(
     owner: Identity,
-    service: str,
+    service: PeerIdentity,
     entry: dict[str, Any],
     state: str,
     now: float,
@@ -261,12 +261,25 @@ def signDecision(
 ) -> SignedDecision:
     """
     An owner's signed decision about the key C{entry} describes, for
-    C{service}.
+    C{service} (as the control connection authenticated it: its name and
+    its key), at the next place in the key's history after the entry's
+    C{sequence}.
 
-    @param state: C{approved}, C{denied}, C{revoked} or C{blocked}.
+    @param state: C{approved}, C{denied}, C{revoked} or C{blocked}; or
+        C{release} or C{withhold} for a key request.
     @raise IdentityError: if the entry's key does not parse or does not match.
     """
-    return SignedDecision.make(owner, service, subjectOf(entry), state, now, reason)
+    sequence = int(entry.get("sequence", 0) or 0) + 1
+    return SignedDecision.make(
+        owner,
+        service.name,
+        subjectOf(entry),
+        state,
+        now,
+        reason,
+        service.fingerprint,
+        sequence,
+    )
 
 
 async def openControl(

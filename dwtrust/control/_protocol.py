@@ -25,7 +25,7 @@ from typing import Any
 from attrs import fields
 from twisted.protocols import amp
 
-from ._bus import ControlMessage
+from .._bus import ControlMessage
 
 #: The most entries in one page of a list.
 PAGE_ENTRIES = 500

@@ -21,13 +21,9 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._decision import (
-    KEY_RELEASE_STATES,
-    STATES,
-    DecisionError,
-    SignedDecision,
-    Signers,
-)
+from .._authority import DecisionRejected, Decisions, DecisionStoreFailed
+from .._bus import ControlBus, ControlMessage
+from .._decision import KEY_RELEASE_STATES, DecisionError, SignedDecision, Signers
 from .._identity import IdentityError, PeerIdentity, PublicKey
 from .._machine import Refusal
 from .._policy import ITrustPolicy
@@ -36,8 +32,7 @@ from .._wire import ErrorCode
 from ..provisioning._commands import IssueJoinToken, KeyRequestRefused
 from ..provisioning._server import KeyRequest, Provisioning, keyRequestEntry
 from ..provisioning._tokens import JoinError
-from ..store import ITrustStore, KeyRecord, KeyState
-from ._bus import ControlBus, ControlMessage
+from ..store import KeyRecord, KeyState, StoreUnavailable
 from ._protocol import (
     MAX_KNOWN_KEYS,
     PAGE_ENTRIES,
@@ -134,6 +129,7 @@ def peerEntry(record: KeyRecord) -> dict[str, Any]:
         "lastSeen": record.lastSeen,
         "attempts": record.attempts,
         "source": record.source,
+        "sentBy": record.sentBy,
     }
 
 
@@ -219,18 +215,17 @@ class ControlServer(amp.AMP):
 
     def __init__(
         self,
-        store: ITrustStore,
+        decisions: Decisions,
         bus: ControlBus,
-        owners: Signers,
-        serviceName: str,
         provisioning: Provisioning | None = None,
     ) -> None:
         amp.AMP.__init__(self)
         self.provisioning = provisioning
-        self.store = store
+        self.decisions = decisions
+        self.store = decisions.store
         self.bus = bus
-        self.owners = owners
-        self.serviceName = serviceName
+        self.owners = decisions.owners
+        self.serviceName = decisions.serviceName
         self.owner: PeerIdentity | None = None
         self.dropped = 0
         self._paused = False
@@ -293,7 +288,11 @@ class ControlServer(amp.AMP):
             name = (item.org, item.service)
             if name not in known:
                 known[name] = await self.store.keysFor(*name)
-            entries.append(pendingEntry(item, known[name]))
+            entry = pendingEntry(item, known[name])
+            entry["sequence"] = await self.decisions.newestSequence(
+                item.fingerprint, item
+            )
+            entries.append(entry)
         return page(entries, start, total)
 
     @ListPeers.responder
@@ -304,13 +303,30 @@ class ControlServer(amp.AMP):
 
     async def _listPeers(self, offset: int | None, prefix: str | None) -> str:
         records, total, start = _chosen(await self.store.decided(), offset, prefix)
-        return page([peerEntry(r) for r in records], start, total)
+        entries = []
+        for record in records:
+            entry = peerEntry(record)
+            entry["sequence"] = await self.decisions.newestSequence(
+                record.fingerprint, record
+            )
+            entries.append(entry)
+        return page(entries, start, total)
 
     def _answer(self, listing: Any) -> Deferred[dict[str, str]]:
         def failed(failure: Failure) -> Failure:
-            self.log.failure(
-                "dwtrust: a control request failed", failure, event="dwtrust.control"
-            )
+            if failure.check(StoreUnavailable):
+                # An outage of a shared store: one line, no traceback.
+                self.log.warn(
+                    "dwtrust: a control request failed: {reason}",
+                    event="dwtrust.control",
+                    reason=failure.getErrorMessage(),
+                )
+            else:
+                self.log.failure(
+                    "dwtrust: a control request failed",
+                    failure,
+                    event="dwtrust.control",
+                )
             return Failure(
                 ControlFailed(
                     f"the service could not answer: {failure.getErrorMessage()}"
@@ -327,61 +343,73 @@ class ControlServer(amp.AMP):
         return Deferred.fromCoroutine(self._decide(decision))
 
     async def _decide(self, encoded: bytes) -> dict[str, str]:
+        if self.owner is None:
+            raise self._refuse("only a registered owner decides", encoded)
         try:
             decision = SignedDecision.decode(encoded)
-            answers = KEY_RELEASE_STATES if self.provisioning is not None else ()
-            if decision.state not in (*STATES, *answers):
-                raise DecisionError(f"{decision.state!r} is not a decision")
-            self.owners.verify(decision, self.serviceName)
-            subject = decision.subject()
         except DecisionError as e:
             raise self._refuse(str(e), encoded) from None
-        if self.provisioning is not None and decision.state in KEY_RELEASE_STATES:
-            try:
-                request = self.provisioning.keyRequests.decide(decision)
-            except KeyRequestRefused as e:
-                raise self._refuse(str(e), encoded) from None
-            entry = keyRequestEntry(request)
-            entry["state"] = decision.state
-            entry["decidedBy"] = decision.signer
-            return {"peer": dumps(entry)}
+        if decision.state in KEY_RELEASE_STATES:
+            return self._answerKeyRequest(decision, encoded)
         try:
-            existing = await self.store.lookup(decision.fingerprint)
+            applied = await self.decisions.apply(encoded, self.owner)
+        except DecisionRejected as e:
+            raise self._refuse(str(e), encoded) from None
+        except DecisionStoreFailed as e:
+            raise self._failed(e, "nothing changed") from None
         except Exception as e:
-            raise self._failed(e) from None
-        if existing is not None and (existing.org, existing.service) != (
-            subject.org,
-            subject.service,
-        ):
-            raise self._refuse(
-                f"the decision names {subject.name}, but {subject.fingerprint}"
-                f" is on record as {existing.org}/{existing.service}",
-                encoded,
-            )
-        try:
-            record = await self.store.record(
-                subject,
-                KeyState(decision.state),
-                existing.source if existing is not None else "",
-                decision.signer,
-                decision.encode(),
-            )
-        except Exception as e:
-            raise self._failed(e) from None
+            raise self._failed(e, "nothing changed") from None
         self.log.info(
             "dwtrust: owner {signer} {state} {peer_name} {fingerprint}"
-            " ({reason}), sent by {owner}",
+            " ({reason}), decision {sequence}, sent by {owner}{unstored}",
             event="dwtrust.control.decision",
             signer=decision.signer,
             state=decision.state,
-            peer_name=subject.name,
-            fingerprint=subject.fingerprint,
+            peer_name=f"{decision.org}/{decision.subjectService}",
+            fingerprint=decision.fingerprint,
             reason=decision.reason,
-            owner=self.owner.fingerprint if self.owner else None,
-            previous=existing.state.value if existing is not None else None,
+            sequence=decision.sequence,
+            owner=self.owner.fingerprint,
+            stored=applied.stored,
+            unstored=""
+            if applied.stored
+            else "; NOT STORED YET: " + applied.storeError,
         )
-        self.bus.decided(decision)
-        return {"peer": dumps(peerEntry(record))}
+        if applied.record is not None:
+            entry = peerEntry(applied.record)
+        else:
+            entry = {
+                "fingerprint": decision.fingerprint,
+                "org": decision.org,
+                "service": decision.subjectService,
+                "algorithm": decision.algorithm,
+                "state": decision.state,
+                "decidedBy": decision.signer,
+            }
+        entry["sequence"] = decision.sequence
+        entry["sentBy"] = self.owner.fingerprint
+        entry["stored"] = applied.stored
+        if not applied.stored:
+            entry["storeError"] = applied.storeError
+        return {"peer": dumps(entry)}
+
+    def _answerKeyRequest(
+        self, decision: SignedDecision, encoded: bytes
+    ) -> dict[str, str]:
+        if self.provisioning is None:
+            raise self._refuse(f"{decision.state!r} is not a decision", encoded)
+        try:
+            self.owners.verify(
+                decision, self.serviceName, self.decisions.identity.fingerprint
+            )
+            decision.subject()
+            request = self.provisioning.keyRequests.decide(decision)
+        except (DecisionError, KeyRequestRefused) as e:
+            raise self._refuse(str(e), encoded) from None
+        entry = keyRequestEntry(request)
+        entry["state"] = decision.state
+        entry["decidedBy"] = decision.signer
+        return {"peer": dumps(entry)}
 
     # Join tokens
 
@@ -413,11 +441,14 @@ class ControlServer(amp.AMP):
         )
         return DecisionRefused(reason)
 
-    def _failed(self, error: Exception) -> ControlFailed:
-        self.log.failure(
-            "dwtrust: the trust store failed", Failure(error), event="dwtrust.control"
+    def _failed(self, error: Exception, outcome: str) -> ControlFailed:
+        self.log.warn(
+            "dwtrust: the trust store failed: {error}; {outcome}",
+            event="dwtrust.control.store_failed",
+            error=str(error) or type(error).__name__,
+            outcome=outcome,
         )
-        return ControlFailed(f"the trust store failed: {error}")
+        return ControlFailed(f"the trust store failed: {error}; {outcome}")
 
     # Watching
 
@@ -469,47 +500,40 @@ class ControlFactory(Factory):
 
     def __init__(
         self,
-        store: ITrustStore,
+        decisions: Decisions,
         bus: ControlBus,
-        owners: Signers,
-        serviceName: str,
         provisioning: Provisioning | None = None,
     ) -> None:
-        self.store = store
+        self.decisions = decisions
         self.bus = bus
-        self.owners = owners
-        self.serviceName = serviceName
         self.provisioning = provisioning
 
     def buildProtocol(self, addr: IAddress | None) -> ControlServer:
-        protocol = ControlServer(
-            self.store, self.bus, self.owners, self.serviceName, self.provisioning
-        )
+        protocol = ControlServer(self.decisions, self.bus, self.provisioning)
         protocol.factory = self
         return protocol
 
 
 def controlFactory(
-    store: ITrustStore,
+    decisions: Decisions,
     bus: ControlBus,
-    owners: Signers,
-    serviceName: str,
     provisioning: Provisioning | None = None,
 ) -> IProtocolFactory:
     """
     The factory of a service's control channel, to wrap with an
-    L{Authenticator} whose inbound policy is C{OwnersOnlyPolicy(owners)}:
+    L{Authenticator} whose inbound policy is
+    C{OwnersOnlyPolicy(decisions.owners)}:
 
-        authenticator = Authenticator(identity, OwnersOnlyPolicy(owners), None, reactor)
-        authenticator.serverEndpoint(inner).listen(
-            controlFactory(store, bus, owners, identity.name))
+        authenticator = Authenticator(
+            identity, OwnersOnlyPolicy(decisions.owners), None, reactor)
+        authenticator.serverEndpoint(inner).listen(controlFactory(decisions, bus))
 
-    @param owners: the keys whose decisions count: the registered owners
-        (and, if wanted, the service's own key).
-    @param serviceName: the service's C{org/service}; decisions must name it.
+    @param decisions: the service's decisions: owners' decisions sent over
+        the channel are applied through L{Decisions.apply}, and only the
+        owners among its keys may send them.
     @param provisioning: if given, owners may issue join tokens and answer
         key requests, and keys that are not owners' may use the provisioning
         commands (wrap with L{ControlPolicy} rather than L{OwnersOnlyPolicy}
         then).
     """
-    return ControlFactory(store, bus, owners, serviceName, provisioning)
+    return ControlFactory(decisions, bus, provisioning)

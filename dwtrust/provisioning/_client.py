@@ -306,7 +306,11 @@ async def _install(
     for encoded in decisions:
         try:
             decision = SignedDecision.decode(encoded)
-            signers.verify(decision, identity.name)
+            signers.verify(
+                decision,
+                identity.name,
+                None if decision.version == 1 else identity.fingerprint,
+            )
             if decision.state not in STATES:
                 raise DecisionError(f"a {decision.state} decision is not a record")
         except DecisionError:
@@ -337,6 +341,8 @@ async def _install(
                         f"copied from {source}",
                         decision.signer,
                         decision.encode(),
+                        decision.sequence,
+                        peer.fingerprint,
                     )
             finally:
                 await records.close()

@@ -142,6 +142,8 @@ async def _instantiate(
                 KeyState.approved.value,
                 now(),
                 _REASON,
+                server.fingerprint,
+                1,
             )
             await serverStore.record(
                 clientPeer,
@@ -149,6 +151,8 @@ async def _instantiate(
                 INSTANTIATED_BY,
                 INSTANTIATED_BY,
                 decision.encode(),
+                decision.sequence,
+                server.fingerprint,
             )
         finally:
             await serverStore.close()

@@ -24,6 +24,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .._authority import Decisions
+from .._bus import ControlBus, ControlMessage
 from .._decision import DecisionError, SignedDecision, registerOwner
 from .._identity import Identity, IdentityError, PeerIdentity, validateName
 from ..approval._owners import (
@@ -32,7 +34,6 @@ from ..approval._owners import (
     DEFAULT_REQUEST_TTL,
     newRequestId,
 )
-from ..control._bus import ControlBus, ControlMessage
 from ..control._protocol import (
     PAGE_BYTES,
     ControlFailed,
@@ -42,7 +43,8 @@ from ..control._protocol import (
     NotAnOwner,
     Watch,
 )
-from ..store import ITrustStore, sourceHost
+from ..store import ITrustStore, PendingFull, sourceHost
+from ..store._interface import checkPendingCaps
 from ._commands import (
     CollectKey,
     IssueJoinToken,
@@ -132,21 +134,18 @@ class KeyRequests:
         request = self._requests.get(peer.fingerprint)
         if request is not None:
             return request
-        if len(self._requests) >= self.maxPending:
-            raise self._refused(
-                peer, source, f"{self.maxPending} key requests are already waiting"
-            )
         host = sourceHost(source)
-        if (
-            sum(1 for r in self._requests.values() if sourceHost(r.source) == host)
-            >= self.maxPendingPerSource
-        ):
-            raise self._refused(
-                peer,
-                source,
-                f"{self.maxPendingPerSource} key requests from {host} are"
-                " already waiting",
+        try:
+            checkPendingCaps(
+                host,
+                sum(1 for r in self._requests.values() if sourceHost(r.source) == host),
+                len(self._requests),
+                self.maxPendingPerSource,
+                self.maxPending,
+                "key requests",
             )
+        except PendingFull as e:
+            raise self._refused(peer, source, str(e)) from None
         now = self.clock.seconds()
         request = KeyRequest(
             newRequestId(), peer, source, instance, now, now + self.ttl
@@ -357,14 +356,19 @@ class Provisioning:
         maxPendingPerSource: int = DEFAULT_MAX_PENDING_PER_SOURCE,
         owners: Sequence[PeerIdentity] = (),
         now: Callable[[], float] = time.time,
+        decisions: Decisions | None = None,
     ) -> None:
         """
         @param owners: owners given to this instance outside its store (the
             daemon's C{--owner}): what it hands on includes registrations of
             them, signed with the service's key.
+        @param decisions: the service's decisions: what it hands on is the
+            decision in force about each key (not an older one a rolled-back
+            store may show).  By default, the store's newest.
         """
         self.identity = identity
         self.store = store
+        self.decisions = decisions
         self.bus = bus
         self.owners = list(owners)
         self._now = now
@@ -395,7 +399,15 @@ class Provisioning:
             for owner in self.owners
             if owner.fingerprint not in registered
         ]
-        decisions = [r.decision for r in await self.store.decided() if r.decision]
+        decisions = []
+        for record in await self.store.decided():
+            if self.decisions is None:
+                if record.decision:
+                    decisions.append(record.decision)
+                continue
+            inForce = await self.decisions.current(record)
+            if inForce is not None:
+                decisions.append(inForce.encode())
         identity = self.identity
         answer = {
             "org": identity.org,

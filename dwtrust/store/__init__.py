@@ -3,6 +3,7 @@ Trust stores: what a service knows about its peers' keys.
 """
 
 from ._interface import (
+    DecisionConflict,
     IKnownServices,
     IStoreEvents,
     ITrustStore,
@@ -13,6 +14,7 @@ from ._interface import (
     StoreChange,
     sourceHost,
 )
+from ._newest import NewestDecisions, NewestError
 from ._open import (
     DEFAULT_POOL_SIZE,
     AnyStore,
@@ -29,11 +31,14 @@ __all__ = [
     "DEFAULT_POOL_SIZE",
     "SCHEMA_VERSION",
     "AnyStore",
+    "DecisionConflict",
     "IKnownServices",
     "IStoreEvents",
     "ITrustStore",
     "KeyRecord",
     "KeyState",
+    "NewestDecisions",
+    "NewestError",
     "PendingFull",
     "Pin",
     "PostgreSQLStore",

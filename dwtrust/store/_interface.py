@@ -42,10 +42,18 @@ class KeyRecord:
     @ivar attempts: how many connections presented this key.
     @ivar source: the address of the latest attempt.
     @ivar decidedBy: who made the current decision (an approver or owner).
-    @ivar decision: the signed decision behind C{state}, encoded (see
-        L{dwtrust._decision.SignedDecision}); empty for a pending key.
+    @ivar decision: the newest signed decision about the key (the one with
+        the highest C{sequence} in the store's append-only history), encoded
+        (see L{dwtrust._decision.SignedDecision}); empty if there is none.
+        The store does not check it: L{dwtrust._authority} does.
     @ivar requestId: for a pending key, the request's identifier.
     @ivar expires: for a pending key, when the request lapses.
+    @ivar sequence: the place in the key's history the store filed
+        C{decision} under (-1 if there is none).  A decision whose own
+        signed sequence differs from it was not stored by dwtrust.
+    @ivar sentBy: who handed C{decision} to the store: the fingerprint of
+        the owner whose control connection sent it, or of the service
+        itself (empty for a decision from before version 3 of the schema).
     """
 
     fingerprint: str
@@ -62,6 +70,8 @@ class KeyRecord:
     decision: bytes = b""
     requestId: str = ""
     expires: float = 0.0
+    sequence: int = -1
+    sentBy: str = ""
 
 
 def sourceHost(source: str) -> str:
@@ -77,10 +87,41 @@ def sourceHost(source: str) -> str:
     return host if colon and port.isdigit() and ":" not in host else source
 
 
+class DecisionConflict(Exception):
+    """
+    The store already holds a decision at that place in the key's history:
+    another decision was made meanwhile, or this one was sent before.
+    """
+
+
 class PendingFull(Exception):
     """
     A new pending request would exceed a cap: the message says which.
     """
+
+
+def checkPendingCaps(
+    host: str,
+    fromHost: int,
+    total: int,
+    maxPerSource: int,
+    maxTotal: int,
+    what: str = "requests",
+) -> None:
+    """
+    The one rule of the pending caps, for every store and queue that keeps
+    requests: a new request is refused when C{host} already has
+    C{maxPerSource} of them (C{fromHost}), or when C{maxTotal} are
+    pending in all (C{total}).
+
+    @raise PendingFull: saying which cap.
+    """
+    if fromHost >= maxPerSource:
+        raise PendingFull(
+            f"{host} already has {fromHost} pending {what} (at most {maxPerSource})"
+        )
+    if total >= maxTotal:
+        raise PendingFull(f"{total} {what} are pending already (at most {maxTotal})")
 
 
 @frozen
@@ -120,7 +161,10 @@ class ITrustStore(Interface):
 
     def lookup(fingerprint: str) -> Deferred[KeyRecord | None]:
         """
-        The record for a key, or L{None} if this key was never recorded.
+        The record for a key, with its newest decision (see L{KeyRecord}), or
+        L{None} if this key was never recorded.  A key with a decision but
+        no other record (its row removed behind the store's back) is found
+        all the same.
         """
 
     def keysFor(org: str, service: str) -> Deferred[list[KeyRecord]]:
@@ -134,10 +178,21 @@ class ITrustStore(Interface):
         source: str,
         decidedBy: str,
         decision: bytes = b"",
+        sequence: int = 0,
+        sentBy: str = "",
     ) -> Deferred[KeyRecord]:
         """
-        Store a decision about C{peer}'s key, creating its record if need be,
-        with the encoded signed C{decision} behind it.
+        Append a decision about C{peer}'s key to the key's history, at
+        C{sequence}, and make it the key's state, creating its record if
+        need be.  Decisions are never updated or deleted: the one with the
+        highest sequence is the key's newest.
+
+        @param decision: the encoded signed decision.
+        @param sequence: its place in the key's history, as signed in it.
+        @param sentBy: the fingerprint of whoever handed it over.
+        @return: (in the L{Deferred}) the key's record as L{lookup} reads it.
+        @raise DecisionConflict: (in the L{Deferred}) if the history already
+            has a decision at C{sequence}; nothing is stored then.
         """
 
     def addPending(

@@ -15,8 +15,19 @@ fails with L{StoreUnavailable} for the others; every write fails with
 L{StoreUnavailable}, so that nothing is lost silently.  Both the pool and the
 listener reconnect by themselves.
 
+Whenever the listener connects (again), the store catches up what it may
+have missed while it did not listen: it reads the pending requests and the
+keys it has an interest in (those in its cache, and those whose pending
+request it knew of, made or counted an attempt on), and announces every
+request and every decision it had not heard of, as the notification would
+have (see L{PostgreSQLStore._catchUp}).
+
 The schema is the SQLite store's, version for version, and its version is
-kept in the one-row table C{dwtrust_schema}.
+kept in the one-row table C{dwtrust_schema}.  Each key's decisions are
+append-only (see L{dwtrust.store._rows}): the instances only ever insert
+into C{decisions}, so their role needs no more than C{SELECT, INSERT} on it
+(docs/fleet.rst lists the grants), and triggers refuse C{UPDATE}, C{DELETE}
+and C{TRUNCATE} to every role.
 """
 
 from __future__ import annotations
@@ -32,7 +43,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorFromThreads,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -40,6 +55,7 @@ from zope.interface import implementer
 
 from .._identity import PeerIdentity
 from ._interface import (
+    DecisionConflict,
     IKnownServices,
     IStoreEvents,
     ITrustStore,
@@ -52,10 +68,14 @@ from ._interface import (
 )
 from ._open import DEFAULT_POOL_SIZE, StoreUnavailable, redacted
 from ._rows import (
+    DECISION_COLUMNS,
     PEER_COLUMNS,
     PIN_COLUMNS,
     SELECT_DECIDED,
+    SELECT_NEWEST_DECISION,
     SELECT_PENDING,
+    SELECT_RECORDS,
+    combinedRecord,
     pinOf,
     recordOf,
 )
@@ -128,10 +148,61 @@ MIGRATIONS: Sequence[str] = [
         registration BYTEA NOT NULL
     );
     """,
+    # Version 3: each key's decisions, append-only, in order.  A decision
+    # stored before has no place in history: it becomes sequence 0.  The
+    # instances' role is granted no UPDATE or DELETE on the table (see
+    # docs/fleet.rst); the triggers refuse them to every role, the owner's
+    # included, unless it drops them first.
+    """
+    CREATE TABLE decisions (
+        fingerprint TEXT NOT NULL,
+        sequence BIGINT NOT NULL,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BYTEA NOT NULL,
+        state TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        sent_by TEXT NOT NULL,
+        recorded_at DOUBLE PRECISION NOT NULL,
+        decision BYTEA NOT NULL,
+        PRIMARY KEY (fingerprint, sequence)
+    );
+    INSERT INTO decisions
+        SELECT fingerprint, 0, org, service, algorithm, public_key, state,
+            decided_by, '', last_seen, decision
+        FROM peers WHERE state != 'pending' AND length(decision) > 0;
+    UPDATE peers SET decision = '\\x';
+    CREATE FUNCTION dwtrust_decisions_are_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'decisions are append-only';
+        END
+        $$;
+    CREATE TRIGGER decisions_are_not_changed BEFORE UPDATE OR DELETE ON decisions
+        FOR EACH ROW EXECUTE FUNCTION dwtrust_decisions_are_append_only();
+    CREATE TRIGGER decisions_are_not_truncated BEFORE TRUNCATE ON decisions
+        FOR EACH STATEMENT EXECUTE FUNCTION dwtrust_decisions_are_append_only();
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "the SQLite and PostgreSQL schemas differ"
 
-_SELECT_PEER = f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = %s"
+
+def _columns(columns: str, table: str) -> str:
+    return ", ".join(f"{table}.{column.strip()}" for column in columns.split(","))
+
+
+#: The records of the keys in an array (one parameter): a row for each,
+#: with the C{peers} columns and the newest decision's (L{None} where there
+#: is none), for L{combinedRecord}.
+_SELECT_KEYS = (
+    f"SELECT {_columns(PEER_COLUMNS, 'p')}, {_columns(DECISION_COLUMNS, 'd')}"
+    " FROM unnest(%s::text[]) AS k (fingerprint)"
+    " LEFT JOIN peers p ON p.fingerprint = k.fingerprint"
+    f" LEFT JOIN LATERAL ({SELECT_NEWEST_DECISION.format(p='k.fingerprint')}) d"
+    " ON TRUE"
+)
+_PEER_WIDTH = len(PEER_COLUMNS.split(","))
 
 
 def driver() -> Any:
@@ -214,6 +285,10 @@ def migrate(connection: Connection) -> int:
     """
     start = _version(connection)
     _refuseNewer(start)
+    if start == SCHEMA_VERSION:
+        # Nothing to do, and nothing written: an instance whose role may
+        # not change the schema (see docs/fleet.rst) opens the store.
+        return start
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         connection.execute(
@@ -231,9 +306,10 @@ def migrate(connection: Connection) -> int:
             version = _version(connection)
             _refuseNewer(version)
             if version == step:
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        connection.execute(statement.encode())
+                # The whole step at once (no parameters, so several
+                # statements may go in one query, functions' bodies
+                # included).
+                connection.execute(MIGRATIONS[step].encode())
                 connection.execute(
                     "UPDATE dwtrust_schema SET version = %s", (step + 1,)
                 )
@@ -247,13 +323,48 @@ def migrateURL(url: str) -> int:
 
     @return: the version it was at.
     """
+    return _using(url, migrate)
+
+
+#: What a store knows of a pending request: its identifier and expiry.
+Request = tuple[str, float]
+
+
+def _pendingRequests(connection: Connection) -> dict[str, Request]:
+    """
+    The pending requests in the store, by fingerprint.
+    """
+    rows = connection.execute(
+        "SELECT fingerprint, request_id, expires FROM peers WHERE state = 'pending'"
+    ).fetchall()
+    return {str(row[0]): (str(row[1]), float(row[2])) for row in rows}
+
+
+def _migrateAndRead(connection: Connection) -> dict[str, Request]:
+    """
+    L{migrate}; then the pending requests there are as the store opens.
+    """
+    migrate(connection)
+    return _pendingRequests(connection)
+
+
+def _using(url: str, work: Callable[[Connection], T]) -> T:
+    """
+    Connect to C{url}, and run C{work} with the connection.  Blocks.
+    """
     psycopg = driver()
     connection = connect(url)
     try:
-        return migrate(connection)
+        return work(connection)
     except psycopg.OperationalError as e:
         raise StoreUnavailable(
             f"the trust store {redacted(url)} failed: {_message(e)}"
+        ) from None
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise StoreError(
+            f"cannot use the trust store {redacted(url)}: {_message(e)} (run"
+            " dwtrust migrate as the role that owns the schema, and grant the"
+            " instances' role what docs/fleet.rst says)"
         ) from None
     except psycopg.Error as e:
         raise StoreError(
@@ -263,11 +374,41 @@ def migrateURL(url: str) -> int:
         connection.close()
 
 
+def _records(cursor: Cursor, fingerprints: Sequence[str]) -> dict[str, KeyRecord]:
+    """
+    The records of C{fingerprints} that the store knows (from C{peers}, from
+    their decisions, or both), by fingerprint.
+    """
+    cursor.execute(_SELECT_KEYS, (sorted(set(fingerprints)),))
+    found = {}
+    for row in cursor.fetchall():
+        peer = row[:_PEER_WIDTH]
+        record = combinedRecord(None if peer[0] is None else peer, row[_PEER_WIDTH:])
+        if record is not None:
+            found[record.fingerprint] = record
+    return found
+
+
+def _summary(record: KeyRecord | None) -> tuple[Any, ...] | None:
+    """
+    What a change to a decided key changes: its state, and its newest
+    decision and who made and sent it.
+    """
+    if record is None:
+        return None
+    return (
+        record.state,
+        record.sequence,
+        record.decision,
+        record.decidedBy,
+        record.sentBy,
+    )
+
+
 def _fetch(cursor: Cursor, fingerprint: str) -> KeyRecord:
-    cursor.execute(_SELECT_PEER, (fingerprint,))
-    row = cursor.fetchone()
-    assert row is not None, f"{fingerprint} vanished in its own transaction"
-    return recordOf(row)
+    record = _records(cursor, [fingerprint]).get(fingerprint)
+    assert record is not None, f"{fingerprint} vanished in its own transaction"
+    return record
 
 
 @implementer(ITrustStore, IKnownServices, IStoreEvents)
@@ -315,6 +456,7 @@ class PostgreSQLStore:
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._listening = False
+        self._caughtUp = False
         self._listeners: list[Deferred[None]] = []
         self._cache: OrderedDict[str, KeyRecord] = OrderedDict()
         self._cacheSize = cacheSize
@@ -325,6 +467,20 @@ class PostgreSQLStore:
         self._watchers: list[Callable[[StoreChange], object]] = []
         self._available = True
         self._seenDropped = False
+        # Pending requests, by fingerprint: those this store knows of (it
+        # announced them, or they were there when it opened; L{None} until
+        # the listener first connects if it was not opened with open() or
+        # fromURL()), those it made itself, and those it counted an attempt
+        # on.  Whatever else is pending when the listener connects again was
+        # missed, and is announced then, as is the decision on any of these
+        # that was decided meanwhile (see _catchUp).
+        self._requests: dict[str, Request] | None = None
+        self._made: dict[str, Request] = {}
+        self._asked: dict[str, Request] = {}
+        # The listener's connections so far: a catch-up that failed is
+        # tried again while the connection it was for lasts.
+        self._connections = 0
+        self._catchUpCall: IDelayedCall | None = None
 
     @classmethod
     def fromURL(
@@ -339,8 +495,10 @@ class PostgreSQLStore:
 
         @raise StoreError: if the database cannot be used.
         """
-        migrateURL(url)
-        return cls(url, poolSize, now)
+        requests = _using(url, _migrateAndRead)
+        store = cls(url, poolSize, now)
+        store._requests = requests
+        return store
 
     @classmethod
     def open(
@@ -352,8 +510,16 @@ class PostgreSQLStore:
         """
         Open (creating and migrating as needed) the store at C{url}.
         """
-        opening: Deferred[int] = threads.deferToThread(migrateURL, url)
-        return opening.addCallback(lambda _: cls(url, poolSize, now))
+
+        def opened(requests: dict[str, Request]) -> PostgreSQLStore:
+            store = cls(url, poolSize, now)
+            store._requests = requests
+            return store
+
+        opening: Deferred[dict[str, Request]] = threads.deferToThread(
+            _using, url, _migrateAndRead
+        )
+        return opening.addCallback(opened)
 
     def ownersNow(self) -> list[bytes]:
         """
@@ -491,6 +657,9 @@ class PostgreSQLStore:
             return succeed(None)
         self._closed = True
         self._stopping.set()
+        if self._catchUpCall is not None and self._catchUpCall.active():
+            self._catchUpCall.cancel()
+        self._catchUpCall = None
         if self._shutdown is not None:
             IReactorCore(self._reactor).removeSystemEventTrigger(self._shutdown)
             self._shutdown = None
@@ -555,7 +724,9 @@ class PostgreSQLStore:
                     # Connections opened before the loss may be cut too.
                     with self._idleLock:
                         self._epoch += 1
-                fromThread(self._listening_, connectedBefore)
+                # Every change from now on is heard; what came before is
+                # caught up (in the reactor, after this call).
+                fromThread(self._listening_)
                 connectedBefore = True
                 delay = 0.1
                 while not self._stopping.is_set():
@@ -567,73 +738,169 @@ class PostgreSQLStore:
             finally:
                 self._discard(connection)
 
-    def _listening_(self, again: bool) -> None:
+    def _listening_(self) -> None:
         """
-        The listener is (again) connected: after a loss, read afresh every
-        cached key, since changes made meanwhile were not heard.
+        The listener is (again) connected: catch up what it did not hear
+        before.
         """
         self._listening = True
+        self._caughtUp = False
+        self._connections += 1
         self._setAvailable(True, "")
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            listener.callback(None)
-        if again and not self._closed:
-            self._resync()
+        if not self._closed:
+            self._catchUp(self._connections)
 
     def _lost(self, reason: str) -> None:
         self._listening = False
+        self._caughtUp = False
         self._setAvailable(False, reason)
 
     def whenListening(self) -> Deferred[None]:
         """
-        A L{Deferred} that fires once the store listens for changes (at
-        once if it does now).
+        A L{Deferred} that fires once the store listens for changes, and has
+        caught up what it missed before (at once if it has now).
         """
-        if self._listening:
+        if self._listening and self._caughtUp:
             return succeed(None)
         self._start()
         listening: Deferred[None] = Deferred()
         self._listeners.append(listening)
         return listening
 
-    def _resync(self) -> None:
-        fingerprints = list(self._cache)
-        if not fingerprints:
-            return
-        for fingerprint in fingerprints:
-            self._noteChange(fingerprint)
+    def _catchUp(self, connection: int) -> None:
+        """
+        The listener has just connected (it is the listener's
+        C{connection}th): announce what changed while it did not listen, as
+        the notifications would have.  That is every pending request this
+        store does not know of yet, and every decision about a key it has
+        an interest in (one in its cache, or one whose pending request it
+        knew of, made, or counted an attempt on, which may hold a connection
+        here) that differs from what it knew.
 
-        def fetch(cursor: Cursor) -> list[KeyRecord]:
-            cursor.execute(
-                f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ANY(%s)",
-                (fingerprints,),
-            )
-            return [recordOf(row) for row in cursor.fetchall()]
+        On the listener's first connection, if the store was not opened
+        with L{open} or L{fromURL}, it only notes the pending requests.  A
+        key whose change is heard meanwhile is left to that notification.
+        If the store cannot be read, this is tried again while the listener
+        stays connected.
+        """
+        requests = self._requests
+        before = dict(requests) if requests is not None else None
+        made, asked = dict(self._made), dict(self._asked)
+        known = {**asked, **made, **(before or {})}
+        interest = sorted(set(self._cache) | set(known))
+        counts = self._reading(interest)
 
-        def refreshed(records: list[KeyRecord]) -> None:
-            now = {record.fingerprint: record for record in records}
-            for fingerprint in fingerprints:
-                old, new = self._cache.get(fingerprint), now.get(fingerprint)
-                self._remember(fingerprint, new)
-                if (
-                    new is None
-                    or old is None
-                    or (old.state, old.decision)
-                    != (
-                        new.state,
-                        new.decision,
+        def read(cursor: Cursor) -> tuple[list[KeyRecord], dict[str, KeyRecord]]:
+            cursor.execute(SELECT_PENDING)
+            pending = [recordOf(row) for row in cursor.fetchall()]
+            return pending, _records(cursor, interest)
+
+        def caughtUp(found: tuple[list[KeyRecord], dict[str, KeyRecord]]) -> None:
+            pending, records = found
+            missed = 0
+            if self._requests is None:
+                self._requests = {}
+            nowPending = {record.fingerprint for record in pending}
+            # Requests resolved (decided or lapsed) while nobody listened
+            # are forgotten (unless made again meanwhile).
+            for now, then in (
+                (self._requests, before or {}),
+                (self._made, made),
+                (self._asked, asked),
+            ):
+                for fingerprint, request in then.items():
+                    if (
+                        fingerprint not in nowPending
+                        and now.get(fingerprint) == request
+                    ):
+                        del now[fingerprint]
+            for record in pending:
+                if before is None:
+                    self._requests[record.fingerprint] = (
+                        record.requestId,
+                        record.expires,
                     )
-                ):
+                else:
+                    missed += self._announcePending(record, self._isMine(record))
+            for fingerprint in interest:
+                if not self._unchanged(fingerprint, counts):
+                    continue  # a notification about it tells the watchers
+                new = records.get(fingerprint)
+                if new is not None and new.state is KeyState.pending:
+                    continue
+                old = self._cache.get(fingerprint)
+                wasPending = fingerprint in known
+                self._remember(fingerprint, new)
+                if wasPending and new is None:
+                    continue  # it lapsed; the instance that expired it says so
+                if wasPending or _summary(old) != _summary(new):
                     self._announce(StoreChange("decided", fingerprint, new, False))
+                    missed += 1
+            if missed:
+                self.log.info(
+                    "dwtrust: caught up {count} change(s) made while this instance"
+                    " did not listen",
+                    event="dwtrust.store.caught_up",
+                    count=missed,
+                )
+            if self._listening and self._connections == connection:
+                self._caughtUp = True
+                listeners, self._listeners = self._listeners, []
+                for listener in listeners:
+                    listener.callback(None)
 
         def failed(failure: Failure) -> None:
             self.log.warn(
-                "dwtrust: could not refresh the cached keys: {reason}",
-                event="dwtrust.store.resync_failed",
+                "dwtrust: could not catch up the changes made while this"
+                " instance did not listen: {reason}; trying again",
+                event="dwtrust.store.catch_up_failed",
                 reason=failure.getErrorMessage(),
             )
+            if not self._closed:
+                self._catchUpCall = self._reactor.callLater(MAX_BACKOFF, again)
 
-        self._run(fetch).addCallbacks(refreshed, failed)
+        def again() -> None:
+            self._catchUpCall = None
+            if self._listening and not self._closed and self._connections == connection:
+                self._catchUp(connection)
+
+        catching: Deferred[None] = self._run(read).addCallbacks(caughtUp, failed)
+        catching.addBoth(lambda result: self._doneReading(interest, result))
+        catching.addErrback(
+            lambda failure: self.log.failure(
+                "dwtrust: catching up the store's changes failed", failure
+            )
+        )
+
+    def _isMine(self, record: KeyRecord) -> bool:
+        """
+        Whether this store object made the pending request C{record}.
+        """
+        return self._made.get(record.fingerprint, ("", 0.0))[0] == record.requestId
+
+    def _announcePending(self, record: KeyRecord, local: bool) -> bool:
+        """
+        Tell the watchers of the pending request C{record}, unless they were
+        told of it already (by its notification, or when catching up).
+
+        @return: whether they were told now.
+        """
+        request = (record.requestId, record.expires)
+        if self._requests is None:
+            self._requests = {}
+        known = self._requests.get(record.fingerprint)
+        if known is not None and known[0] == record.requestId:
+            return False
+        self._requests[record.fingerprint] = request
+        self._announce(StoreChange("pending", record.fingerprint, record, local))
+        return True
+
+    def _resolved(self, fingerprint: str) -> None:
+        """
+        The pending request for C{fingerprint}, if any, is decided.
+        """
+        for requests in (self._requests or {}, self._made, self._asked):
+            requests.pop(fingerprint, None)
 
     def _notified(self, payload: str) -> None:
         """
@@ -658,6 +925,18 @@ class PostgreSQLStore:
             self._announce(StoreChange(kind, fingerprint, None, local))
             return
 
+        def read(record: KeyRecord | None) -> None:
+            if (
+                kind == "pending"
+                and record is not None
+                and record.state is KeyState.pending
+            ):
+                self._announcePending(record, local)
+                return
+            if record is not None and record.state is not KeyState.pending:
+                self._resolved(fingerprint)
+            self._announce(StoreChange(kind, fingerprint, record, local))
+
         def failed(failure: Failure) -> None:
             self.log.warn(
                 "dwtrust: could not read {fingerprint} after a change: {reason}",
@@ -666,12 +945,7 @@ class PostgreSQLStore:
                 reason=failure.getErrorMessage(),
             )
 
-        self.lookup(fingerprint).addCallbacks(
-            lambda record: self._announce(
-                StoreChange(kind, fingerprint, record, local)
-            ),
-            failed,
-        )
+        self.lookup(fingerprint).addCallbacks(read, failed)
 
     def _announce(self, change: StoreChange) -> None:
         for watcher in list(self._watchers):
@@ -694,13 +968,49 @@ class PostgreSQLStore:
 
     # The cache
 
+    def _reading(self, fingerprints: Sequence[str]) -> dict[str, int]:
+        """
+        A read of C{fingerprints} begins: count the changes heard about them
+        from now on (see L{_unchanged}), until L{_doneReading}.
+        """
+        counts = {}
+        for fingerprint in fingerprints:
+            counts[fingerprint] = self._changed.get(fingerprint, 0)
+            self._inflight[fingerprint] = self._inflight.get(fingerprint, 0) + 1
+        return counts
+
+    def _unchanged(self, fingerprint: str, counts: dict[str, int]) -> bool:
+        """
+        Whether no change to C{fingerprint} was heard since L{_reading}
+        gave C{counts}: if one was, what was read may be older than it.
+        """
+        return self._changed.get(fingerprint, 0) == counts[fingerprint]
+
+    def _doneReading(self, fingerprints: Sequence[str], result: T) -> T:
+        for fingerprint in fingerprints:
+            left = self._inflight.pop(fingerprint) - 1
+            if left:
+                self._inflight[fingerprint] = left
+            else:
+                self._changed.pop(fingerprint, None)
+        return result
+
     def _noteChange(self, fingerprint: str) -> None:
         if fingerprint in self._inflight:
             self._changed[fingerprint] = self._changed.get(fingerprint, 0) + 1
 
     def _remember(self, fingerprint: str, record: KeyRecord | None) -> None:
+        """
+        Keep C{record} in the cache (forget the key if it is L{None} or
+        pending).  A record whose newest decision is older than the cached
+        one's was read before the cached one was: the cache keeps the newer.
+        """
         if record is None or record.state is KeyState.pending:
             self._cache.pop(fingerprint, None)
+            return
+        cached = self._cache.get(fingerprint)
+        if cached is not None and cached.sequence > record.sequence:
+            self._cache.move_to_end(fingerprint)
             return
         self._cache[fingerprint] = record
         self._cache.move_to_end(fingerprint)
@@ -716,16 +1026,13 @@ class PostgreSQLStore:
     # ITrustStore
 
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
-        before = self._changed.get(fingerprint, 0)
-        self._inflight[fingerprint] = self._inflight.get(fingerprint, 0) + 1
+        counts = self._reading([fingerprint])
 
         def query(cursor: Cursor) -> KeyRecord | None:
-            cursor.execute(_SELECT_PEER, (fingerprint,))
-            row = cursor.fetchone()
-            return None if row is None else recordOf(row)
+            return _records(cursor, [fingerprint]).get(fingerprint)
 
         def found(record: KeyRecord | None) -> KeyRecord | None:
-            if self._changed.get(fingerprint, 0) == before:
+            if self._unchanged(fingerprint, counts):
                 self._remember(fingerprint, record)
             return record
 
@@ -737,28 +1044,17 @@ class PostgreSQLStore:
             self._cache.move_to_end(fingerprint)
             return cached
 
-        def finished(result: T) -> T:
-            left = self._inflight.pop(fingerprint) - 1
-            if left:
-                self._inflight[fingerprint] = left
-            else:
-                self._changed.pop(fingerprint, None)
-            return result
-
         looking: Deferred[Any] = self._run(query)
         looking.addCallbacks(found, unavailable)
-        return looking.addBoth(finished)
+        return looking.addBoth(lambda result: self._doneReading([fingerprint], result))
 
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
-        def query(cursor: Cursor) -> list[KeyRecord]:
-            cursor.execute(
-                f"SELECT {PEER_COLUMNS} FROM peers WHERE org = %s AND service = %s"
-                " ORDER BY first_seen, fingerprint",
-                (org, service),
-            )
-            return [recordOf(row) for row in cursor.fetchall()]
-
-        return self._run(query)
+        return self._all(
+            f"{SELECT_RECORDS} WHERE p.org = %s AND p.service = %s"
+            " ORDER BY p.first_seen, p.fingerprint",
+            (org, service),
+            recordOf,
+        )
 
     def _notify(self, cursor: Cursor, kind: str, fingerprint: str) -> None:
         """
@@ -781,25 +1077,56 @@ class PostgreSQLStore:
         source: str,
         decidedBy: str,
         decision: bytes = b"",
+        sequence: int = 0,
+        sentBy: str = "",
     ) -> Deferred[KeyRecord]:
+        """
+        Append the decision to the key's history (the instances only ever
+        insert into C{decisions}), and make it the state of the key's row in
+        C{peers}, creating the row if need be.
+        """
         now = self._now()
+        psycopg = driver()
 
-        def upsert(cursor: Cursor) -> tuple[KeyRecord, str | None]:
-            # Lock the row (if there is one) so that two decisions at once
-            # are applied one after the other, each seeing the one before.
+        def append(cursor: Cursor) -> tuple[KeyRecord, str | None]:
+            # Lock the key's row (if there is one) so that two decisions at
+            # once are applied one after the other, each seeing the one
+            # before.
             cursor.execute(
-                "SELECT state FROM peers WHERE fingerprint = %s FOR UPDATE",
+                "SELECT 1 FROM peers WHERE fingerprint = %s FOR UPDATE",
                 (peer.fingerprint,),
             )
-            row = cursor.fetchone()
-            previous = None if row is None else str(row[0])
+            before = _records(cursor, [peer.fingerprint]).get(peer.fingerprint)
+            try:
+                cursor.execute(
+                    f"INSERT INTO decisions ({DECISION_COLUMNS})"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        peer.fingerprint,
+                        sequence,
+                        peer.org,
+                        peer.service,
+                        peer.algorithm,
+                        peer.publicKey.blob,
+                        state.value,
+                        decidedBy,
+                        sentBy,
+                        now,
+                        decision,
+                    ),
+                )
+            except psycopg.errors.UniqueViolation:
+                # The transaction is rolled back: nothing is stored.
+                raise DecisionConflict(
+                    f"the store already holds decision {sequence} about"
+                    f" {peer.fingerprint}"
+                ) from None
             cursor.execute(
                 f"INSERT INTO peers ({PEER_COLUMNS})"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, '', 0)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s, '\\x', '', 0)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
                 " last_seen = excluded.last_seen, source = excluded.source,"
-                " decided_by = excluded.decided_by, decision = excluded.decision,"
-                " request_id = '', expires = 0",
+                " decided_by = excluded.decided_by, request_id = '', expires = 0",
                 (
                     peer.fingerprint,
                     peer.org,
@@ -811,29 +1138,33 @@ class PostgreSQLStore:
                     now,
                     source,
                     decidedBy,
-                    decision,
                 ),
             )
             self._notify(cursor, "decided", peer.fingerprint)
-            return _fetch(cursor, peer.fingerprint), previous
+            return _fetch(cursor, peer.fingerprint), (
+                None if before is None else before.state.value
+            )
 
         def stored(result: tuple[KeyRecord, str | None]) -> KeyRecord:
             record, previous = result
             self._noteChange(peer.fingerprint)
             self._remember(peer.fingerprint, record)
+            self._resolved(peer.fingerprint)
             self.log.info(
                 "dwtrust: stored {state} for {fingerprint} (was {previous}),"
-                " decided by {decided_by}",
+                " decision {sequence} decided by {decided_by}, sent by {sent_by}",
                 event="dwtrust.store.decision",
-                state=record.state.value,
+                state=state.value,
                 fingerprint=record.fingerprint,
                 previous=previous,
+                sequence=sequence,
                 decided_by=decidedBy,
+                sent_by=sentBy,
                 store=self.where,
             )
             return record
 
-        return self._run(upsert).addCallback(stored)
+        return self._run(append).addCallback(stored)
 
     def addPending(
         self,
@@ -880,6 +1211,8 @@ class PostgreSQLStore:
             record, created = result
             self._noteChange(peer.fingerprint)
             self._remember(peer.fingerprint, None)
+            if record.state is KeyState.pending:
+                self._asked[peer.fingerprint] = (record.requestId, record.expires)
             if created:
                 self.log.info(
                     "dwtrust: new pending request {request_id} for {peer_name}"
@@ -923,9 +1256,12 @@ class PostgreSQLStore:
             raise PendingFull(
                 f"{total} requests are pending already (at most {maxTotal})"
             )
+        # Noted before it commits, so that a catch-up that reads it knows
+        # it for this store's own (see _catchUp).
+        self._made[peer.fingerprint] = (requestId, expires)
         # A row that is there but not pending is one whose decision did not
         # verify (its policy treats the key as unknown): the request replaces
-        # it.
+        # it.  The key's decisions stay, in their own table.
         cursor.execute(
             f"INSERT INTO peers ({PEER_COLUMNS}, source_host)"
             " VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s, 1, %s, '', '\\x',"
@@ -933,7 +1269,7 @@ class PostgreSQLStore:
             " ON CONFLICT (fingerprint) DO UPDATE SET state = 'pending',"
             " last_seen = excluded.last_seen, attempts = peers.attempts + 1,"
             " source = excluded.source, source_host = excluded.source_host,"
-            " decided_by = '', decision = '\\x', request_id = excluded.request_id,"
+            " decided_by = '', request_id = excluded.request_id,"
             " expires = excluded.expires",
             (
                 peer.fingerprint,
@@ -953,24 +1289,28 @@ class PostgreSQLStore:
         return _fetch(cursor, peer.fingerprint)
 
     def pending(self) -> Deferred[list[KeyRecord]]:
-        return self._all(
-            SELECT_PENDING,
-            (),
-            recordOf,
-        )
+        return self._all(SELECT_PENDING, (), recordOf)
 
     def decided(self) -> Deferred[list[KeyRecord]]:
-        return self._all(
-            SELECT_DECIDED,
-            (),
-            recordOf,
-        )
+        return self._all(SELECT_DECIDED, (), recordOf)
 
     def expirePending(self, now: float) -> Deferred[list[KeyRecord]]:
-        # Each lapsed request is deleted, and reported, by one instance.
+        """
+        Delete the lapsed requests: each is deleted, and reported, by one
+        instance.  The requests this store knew of that lapsed (deleted here
+        or by another instance) are forgotten.
+        """
+        for requests in (self._requests or {}, self._made, self._asked):
+            for fingerprint, (_, expires) in list(requests.items()):
+                if expires < now:
+                    del requests[fingerprint]
         return self._all(
-            "DELETE FROM peers WHERE state = 'pending' AND expires < %s"
-            f" RETURNING {PEER_COLUMNS}",
+            "WITH lapsed AS (DELETE FROM peers"
+            f" WHERE state = 'pending' AND expires < %s RETURNING {PEER_COLUMNS})"
+            f" SELECT {_columns(PEER_COLUMNS, 'l')}, {_columns(DECISION_COLUMNS, 'd')}"
+            " FROM lapsed l LEFT JOIN LATERAL"
+            f" ({SELECT_NEWEST_DECISION.format(p='l.fingerprint')}) d ON TRUE"
+            " ORDER BY l.first_seen, l.fingerprint",
             (now,),
             recordOf,
         )

@@ -28,22 +28,30 @@ from zope.interface import implementer
 from .._identity import PeerIdentity
 from ._cache import ReadCache
 from ._interface import (
+    DecisionConflict,
     IKnownServices,
     ITrustStore,
     KeyRecord,
     KeyState,
-    PendingFull,
     Pin,
+    checkPendingCaps,
     sourceHost,
 )
 from ._rows import (
+    DECISION_COLUMNS,
     PEER_COLUMNS,
     PIN_COLUMNS,
     SELECT_DECIDED,
+    SELECT_NEWEST_DECISION,
     SELECT_PENDING,
+    SELECT_RECORDS,
+    combinedRecord,
     pinOf,
     recordOf,
 )
+
+_SELECT_PEER = f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?"
+_SELECT_NEWEST = SELECT_NEWEST_DECISION.format(p="?")
 
 #: Each entry takes the schema from its index to the next version.
 MIGRATIONS: Sequence[str] = [
@@ -85,6 +93,33 @@ MIGRATIONS: Sequence[str] = [
         fingerprint TEXT PRIMARY KEY,
         registration BLOB NOT NULL
     );
+    """,
+    # Version 3: each key's decisions, append-only, in order.  A decision
+    # stored before has no place in history: it becomes sequence 0.
+    """
+    CREATE TABLE decisions (
+        fingerprint TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        service TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        state TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        sent_by TEXT NOT NULL,
+        recorded_at REAL NOT NULL,
+        decision BLOB NOT NULL,
+        PRIMARY KEY (fingerprint, sequence)
+    );
+    INSERT INTO decisions
+        SELECT fingerprint, 0, org, service, algorithm, public_key, state,
+            decided_by, '', last_seen, decision
+        FROM peers WHERE state != 'pending' AND length(decision) > 0;
+    UPDATE peers SET decision = x'';
+    CREATE TRIGGER decisions_are_not_updated BEFORE UPDATE ON decisions
+    BEGIN SELECT RAISE(ABORT, 'decisions are append-only'); END;
+    CREATE TRIGGER decisions_are_not_deleted BEFORE DELETE ON decisions
+    BEGIN SELECT RAISE(ABORT, 'decisions are append-only'); END;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -131,6 +166,21 @@ def _refuseNewer(connection: sqlite3.Connection) -> None:
         )
 
 
+def _statements(script: str) -> list[str]:
+    """
+    The statements of a migration script, in order (a trigger's body, from
+    C{BEGIN} to C{END;}, is part of its statement).
+    """
+    statements, current = [], ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                statements.append(current)
+            current = ""
+    return statements
+
+
 def migrate(connection: sqlite3.Connection) -> int:
     """
     Bring the schema up to L{SCHEMA_VERSION}, one step per transaction, so
@@ -148,9 +198,8 @@ def migrate(connection: sqlite3.Connection) -> int:
             _refuseNewer(connection)
             (version,) = connection.execute("PRAGMA user_version").fetchone()
             if version == step:
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
+                for statement in _statements(MIGRATIONS[step]):
+                    connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {step + 1}")
         except BaseException:
             connection.execute("ROLLBACK")
@@ -342,17 +391,15 @@ class SQLiteStore:
                 self._cache.records.keep(fingerprint, record)
             return record
 
-        reading: Deferred[KeyRecord | None] = self._one(
-            f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
-            (fingerprint,),
-            recordOf,
-        )
+        def read(cursor: Any) -> KeyRecord | None:
+            return self._fetch(cursor, fingerprint)
+
+        reading: Deferred[KeyRecord | None] = self._pool.runInteraction(read)
         return reading.addCallback(keep)
 
     def keysFor(self, org: str, service: str) -> Deferred[list[KeyRecord]]:
         return self._all(
-            f"SELECT {PEER_COLUMNS} FROM peers WHERE org = ? AND service = ?"
-            " ORDER BY first_seen",
+            f"{SELECT_RECORDS} WHERE p.org = ? AND p.service = ? ORDER BY p.first_seen",
             (org, service),
             recordOf,
         )
@@ -364,18 +411,46 @@ class SQLiteStore:
         source: str,
         decidedBy: str,
         decision: bytes = b"",
+        sequence: int = 0,
+        sentBy: str = "",
     ) -> Deferred[KeyRecord]:
         now = self._now()
         self._cache.changed(record=peer.fingerprint)
 
-        def upsert(cursor: Any) -> KeyRecord:
+        def append(cursor: Any) -> KeyRecord:
+            cursor.execute("SAVEPOINT record")
+            try:
+                cursor.execute(
+                    f"INSERT INTO decisions ({DECISION_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        peer.fingerprint,
+                        sequence,
+                        peer.org,
+                        peer.service,
+                        peer.algorithm,
+                        peer.publicKey.blob,
+                        state.value,
+                        decidedBy,
+                        sentBy,
+                        now,
+                        decision,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                cursor.execute("ROLLBACK TO record")
+                raise DecisionConflict(
+                    f"the store already holds decision {sequence} about"
+                    f" {peer.fingerprint}"
+                ) from None
+            finally:
+                cursor.execute("RELEASE record")
             cursor.execute(
                 f"INSERT INTO peers ({PEER_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, '', 0)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, x'', '', 0)"
                 " ON CONFLICT (fingerprint) DO UPDATE SET state = excluded.state,"
                 " last_seen = excluded.last_seen, source = excluded.source,"
-                " decided_by = excluded.decided_by, decision = excluded.decision,"
-                " request_id = '', expires = 0",
+                " decided_by = excluded.decided_by, request_id = '', expires = 0",
                 (
                     peer.fingerprint,
                     peer.org,
@@ -387,20 +462,26 @@ class SQLiteStore:
                     now,
                     source,
                     decidedBy,
-                    decision,
                 ),
             )
-            return self._fetch(cursor, peer.fingerprint)
+            return self._written(cursor, peer.fingerprint)
 
-        result: Deferred[KeyRecord] = self._pool.runInteraction(upsert)
+        result: Deferred[KeyRecord] = self._pool.runInteraction(append)
         return result
 
-    def _fetch(self, cursor: Any, fingerprint: str) -> KeyRecord:
-        cursor.execute(
-            f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?",
-            (fingerprint,),
-        )
-        return recordOf(cursor.fetchone())
+    def _fetch(self, cursor: Any, fingerprint: str) -> KeyRecord | None:
+        cursor.execute(_SELECT_PEER, (fingerprint,))
+        peer = cursor.fetchone()
+        cursor.execute(_SELECT_NEWEST, (fingerprint,))
+        return combinedRecord(peer, cursor.fetchone())
+
+    def _written(self, cursor: Any, fingerprint: str) -> KeyRecord:
+        """
+        The record of a key just written in this transaction.
+        """
+        record = self._fetch(cursor, fingerprint)
+        assert record is not None
+        return record
 
     def addPending(
         self,
@@ -423,22 +504,14 @@ class SQLiteStore:
                 (now, source, host, peer.fingerprint),
             )
             if cursor.rowcount:
-                return self._fetch(cursor, peer.fingerprint), False
+                return self._written(cursor, peer.fingerprint), False
             cursor.execute(
                 "SELECT COUNT(*), COALESCE(SUM(source_host = ?), 0) FROM peers"
                 " WHERE state = 'pending'",
                 (host,),
             )
             total, fromSource = cursor.fetchone()
-            if fromSource >= maxPerSource:
-                raise PendingFull(
-                    f"{host} already has {fromSource} pending requests"
-                    f" (at most {maxPerSource})"
-                )
-            if total >= maxTotal:
-                raise PendingFull(
-                    f"{total} requests are pending already (at most {maxTotal})"
-                )
+            checkPendingCaps(host, fromSource, total, maxPerSource, maxTotal)
             # A row that is there but not pending is one whose decision did
             # not verify (its policy treats the key as unknown): the request
             # replaces it.
@@ -464,7 +537,7 @@ class SQLiteStore:
                     host,
                 ),
             )
-            return self._fetch(cursor, peer.fingerprint), True
+            return self._written(cursor, peer.fingerprint), True
 
         result: Deferred[tuple[KeyRecord, bool]] = self._pool.runInteraction(add)
         return result
@@ -488,8 +561,7 @@ class SQLiteStore:
 
         def expire(cursor: Any) -> list[KeyRecord]:
             cursor.execute(
-                f"SELECT {PEER_COLUMNS} FROM peers"
-                " WHERE state = 'pending' AND expires < ?",
+                f"{SELECT_RECORDS} WHERE p.state = 'pending' AND p.expires < ?",
                 (now,),
             )
             lapsed = [recordOf(row) for row in cursor.fetchall()]

@@ -13,7 +13,7 @@ from attrs import asdict, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .._decision import SignedDecision
+from ._decision import SignedDecision
 
 
 class _KeyFacts(Protocol):
@@ -50,7 +50,8 @@ class ControlMessage:
     A message for a service's owners.
 
     @ivar kind: C{approval_requested}, C{identity_changed},
-        C{forged_decision}, C{decided}, C{expired} or C{revoked_sessions}.
+        C{forged_decision}, C{rollback}, C{decided}, C{expired} or
+        C{revoked_sessions}.
     @ivar service: the C{org/service} of the service it comes from.
     @ivar fingerprint: the key it is about.
     @ivar org: the key's claimed organization.
@@ -61,6 +62,8 @@ class ControlMessage:
     @ivar firstSeen: when the key was first seen.
     @ivar attempts: how many connections presented it.
     @ivar knownKeys: other keys already known for the same org/service.
+    @ivar knownAs: for C{identity_changed}, the C{org/service} the key is
+        known as, when it now claims another.
     @ivar state: for a decision, its state.
     @ivar decidedBy: for a decision, the signer's fingerprint.
     @ivar reason: a plain explanation.
@@ -78,6 +81,7 @@ class ControlMessage:
     firstSeen: float = 0.0
     attempts: int = 0
     knownKeys: tuple[str, ...] = ()
+    knownAs: str = ""
     state: str = ""
     decidedBy: str = ""
     reason: str = ""
@@ -151,7 +155,6 @@ class ControlBus:
     def __init__(self) -> None:
         self._watchers: list[Callable[[ControlMessage], object]] = []
         self._waiting: dict[str, list[Deferred[SignedDecision]]] = {}
-        self._decisionWatchers: list[Callable[[SignedDecision], object]] = []
 
     def watch(self, watcher: Callable[[ControlMessage], object]) -> Callable[[], None]:
         """
@@ -161,15 +164,6 @@ class ControlBus:
         """
         self._watchers.append(watcher)
         return lambda: self._watchers.remove(watcher)
-
-    def watchDecisions(
-        self, watcher: Callable[[SignedDecision], object]
-    ) -> Callable[[], None]:
-        """
-        Call C{watcher} with every decision from now on.
-        """
-        self._decisionWatchers.append(watcher)
-        return lambda: self._decisionWatchers.remove(watcher)
 
     def publish(self, message: ControlMessage) -> None:
         self.log.info(
@@ -204,14 +198,9 @@ class ControlBus:
 
     def decided(self, decision: SignedDecision) -> None:
         """
-        A verified decision was stored: wake whoever waits for it, and tell
-        the watchers.
+        A verified decision was put in force: wake whoever waits for it, and
+        tell the watchers.
         """
-        for watcher in list(self._decisionWatchers):
-            try:
-                watcher(decision)
-            except Exception:
-                self.log.failure("dwtrust: a decision watcher failed")
         for waiting in self._waiting.pop(decision.fingerprint, []):
             waiting.callback(decision)
         self.publish(
