@@ -424,9 +424,17 @@ def approve(storePath: str, signer: Any, peers: list[Any]) -> None:
     migrateFile(FilePath(storePath).path)
     now = time.time()
     rows = []
+    decisions = []
     for peer in peers:
         decision = SignedDecision.make(
-            signer, signer.name, peer, "approved", now, "benchmark"
+            signer,
+            signer.name,
+            peer,
+            "approved",
+            now,
+            "benchmark",
+            signer.fingerprint,
+            1,
         )
         rows.append(
             (
@@ -440,6 +448,20 @@ def approve(storePath: str, signer: Any, peers: list[Any]) -> None:
                 now,
                 "benchmark",
                 signer.fingerprint,
+            )
+        )
+        decisions.append(
+            (
+                peer.fingerprint,
+                1,
+                peer.org,
+                peer.service,
+                peer.algorithm,
+                peer.publicKey.blob,
+                "approved",
+                "benchmark",
+                signer.fingerprint,
+                now,
                 decision.encode(),
             )
         )
@@ -447,14 +469,31 @@ def approve(storePath: str, signer: Any, peers: list[Any]) -> None:
     with connection:
         connection.executemany(
             "INSERT OR REPLACE INTO peers (fingerprint, org, service, algorithm,"
-            " public_key, state, first_seen, last_seen, source, decided_by,"
-            " decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " public_key, state, first_seen, last_seen, source, decided_by)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
+        )
+        connection.executemany(
+            "INSERT INTO decisions (fingerprint, sequence, org, service,"
+            " algorithm, public_key, state, decided_by, sent_by, recorded_at,"
+            " decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            decisions,
         )
     connection.close()
 
 
 # --- The systems: servers ------------------------------------------------------
+
+
+def _benchmarkLimits() -> Any:
+    """
+    The default limits, but for the caps on connections not yet trusted per
+    source and in total: a benchmark's clients all come from 127.0.0.1, and
+    stand for many sources.
+    """
+    from dwtrust import Limits
+
+    return Limits(maxUntrusted=1_000_000, maxUntrustedPerSource=1_000_000)
 
 
 def listenDwtrust(
@@ -465,9 +504,13 @@ def listenDwtrust(
     wrapStore: Callable[[Any], Any] | None = None,
     approver: Any = "known-only",
     timeout: float = 10.0,
+    limits: Any = None,
 ) -> Deferred[Any]:
     """
     Listen with dwtrust on a free port; fire with (port, authenticator).
+
+    @param limits: the server's L{dwtrust.Limits}, if not the defaults with
+        no caps on connections per source or in total.
 
     @param storePath: a SQLite file, or a C{postgresql://} URL.
     """
@@ -500,6 +543,7 @@ def listenDwtrust(
             reactor,
             timeout=timeout,
             decisionTimeout=120.0,
+            limits=_benchmarkLimits() if limits is None else limits,
         )
         port = reactor.listenTCP(
             0,

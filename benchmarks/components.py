@@ -66,7 +66,7 @@ def measure(algorithm: str, seconds: float, work: Path) -> dict[str, float]:
     from dwtrust._decision import SignedDecision, Signers
     from dwtrust._machine import buildServer
     from dwtrust._proof import makeProof, verifyProof
-    from dwtrust._tls import _certificateKey, channelOf, makeContext
+    from dwtrust._tls import channelOf, clearKeyCache, makeContext
     from dwtrust._wire import Challenge, FrameDecoder, Role, encodeFrame
 
     paths = _common.setUp(work, "ecdsa-p256")
@@ -102,7 +102,7 @@ def measure(algorithm: str, seconds: float, work: Path) -> dict[str, float]:
         decoder.next()
 
     def channelUncached() -> None:
-        _certificateKey.cache_clear()
+        clearKeyCache()
         channelOf(server)
 
     class Effects:

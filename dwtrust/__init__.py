@@ -9,6 +9,7 @@ application protocol is connected only once its peer is trusted.
 
 from ._authority import DecisionRejected, Decisions, DecisionStoreFailed
 from ._identity import Identity, IdentityError, PeerIdentity, PublicKey
+from ._limits import Limits
 from ._machine import Refusal
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import AuthenticatedTransport, HandshakeFailed, IAuthenticatedTransport
@@ -29,6 +30,7 @@ __all__ = [
     "ITrustPolicy",
     "Identity",
     "IdentityError",
+    "Limits",
     "PeerIdentity",
     "PinningPolicy",
     "PublicKey",

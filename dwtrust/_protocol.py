@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
 from ._identity import Identity, PeerIdentity
+from ._limits import Admission, Limits, Refused, sourcePrefix
 from ._machine import (
     Core,
     Handshake,
@@ -69,6 +70,12 @@ from ._wire import (
 MAX_HELD = 256 * 1024
 #: How long a failed connection may take to close before it is aborted.
 CLOSE_GRACE = 2.0
+#: Seconds a TLS handshake keeps its place among those in progress (see
+#: L{Limits.maxTLSHandshakes}); a slower peer goes on without one, so slow
+#: peers cannot keep others' handshakes waiting.
+HANDSHAKE_PLACE_SECONDS = 1.0
+#: Decisions that take away a key's standing as trusted before.
+_DISTRUSTED = {ErrorCode.denied, ErrorCode.revoked, ErrorCode.identity_changed}
 
 _newServer = buildServer()
 _newClient = buildClient()
@@ -187,10 +194,22 @@ class HandshakeProtocol(Protocol):
         factory: HandshakeFactory,
         application: IProtocol,
         source: str,
+        prefix: str = "",
     ) -> None:
         self._factory = factory
         self._application = application
         self._source = source
+        # Limits (server side only): the source prefix this connection counts
+        # under, and what it holds of the admission's counts.
+        self._admission = factory.admission
+        self._prefix = prefix
+        self._untrusted = self._admission is not None
+        # Among the TLS handshakes in progress: "none", "queued" or "held".
+        self._place = "none"
+        self._placeTimer: IDelayedCall | None = None
+        self._waitingFor: str | None = None
+        self._heldCounted = 0
+        self._reached = "tcp"
         self._decoder = FrameDecoder()
         self._stage = _Stage.frames
         self._held: list[bytes] = []
@@ -238,11 +257,47 @@ class HandshakeProtocol(Protocol):
         self._timer = self._factory.clock.callLater(
             self._factory.timeout, self._machine.timedOut
         )
+        if self._admission is not None:
+            if not self._admission.takeHandshake(self._startTLS, self._prefix):
+                # No place for another TLS handshake: read nothing (so do no
+                # handshake work) until one is given to us.
+                self._place = "queued"
+                _connection(self.transport).pauseProducing()
+                return
+            self._placed()
+
+    def _placed(self) -> None:
+        self._place = "held"
+        self._placeTimer = self._factory.clock.callLater(
+            HANDSHAKE_PLACE_SECONDS, self._leavePlace
+        )
+
+    def _startTLS(self) -> None:
+        # Given a place by a handshake that finished.
+        self._placed()
+        if self.connected:
+            _connection(self.transport).resumeProducing()
+
+    def _leavePlace(self) -> None:
+        place, self._place = self._place, "none"
+        timer, self._placeTimer = self._placeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        assert self._admission is not None
+        if place == "queued":
+            self._admission.withdraw(self._startTLS)
+        elif place == "held":
+            self._admission.releaseHandshake()
 
     def handshakeCompleted(self) -> None:
         self._tlsDone = True
+        self._reached = "tls"
+        if self._admission is not None:
+            self._leavePlace()
         try:
-            channel = channelOf(self.transport.getHandle())
+            channel = channelOf(
+                self.transport.getHandle(), self._factory.limits.maxCertificate
+            )
         except WireError as e:
             self._machine.refuse(e.code, e.message)
             return
@@ -260,13 +315,20 @@ class HandshakeProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()
         if not self._tlsDone and self._failure is None:
-            self._factory.log.info(
-                "dwtrust: connection from {source} closed before the TLS"
-                " handshake finished: {reason}",
-                event="dwtrust.tls_failed",
-                source=self._source,
-                reason=reason.getErrorMessage(),
-            )
+            suppressed = self._allowLog()
+            if suppressed is not None:
+                self._factory.log.info(
+                    "dwtrust: connection from {source} closed before the TLS"
+                    " handshake finished: {reason}",
+                    event="dwtrust.tls_failed",
+                    source=self._source,
+                    prefix=self._prefix,
+                    suppressed=suppressed,
+                    reason=reason.getErrorMessage(),
+                )
+        elif self._untrusted and self._failure is None:
+            self._logAbandoned()
+        self._releaseLimits()
         self._stage = _Stage.discarded
         self._machine.lost()
         self._factory.forget(self)
@@ -332,29 +394,143 @@ class HandshakeProtocol(Protocol):
             return
         self._held.append(data)
         self._heldSize += len(data)
-        if self._heldSize > MAX_HELD and not self._overflowing:
+        overBudget = False
+        if self._admission is not None:
+            self._heldCounted += len(data)
+            overBudget = self._admission.hold(len(data))
+            if overBudget and self._isStranger():
+                self._machine.refuse(ErrorCode.unavailable, self._overBudget())
+                return
+        if (self._heldSize > MAX_HELD or overBudget) and not self._overflowing:
             self._overflowing = True
             self._updateReading()
+
+    # Limits on peers not yet trusted (server side)
+
+    def _allowLog(self) -> int | None:
+        """
+        Whether to log this connection's end (L{None}: not now), and how
+        many such lines about its source were held back before.
+        """
+        if self._admission is None:
+            return 0
+        return self._admission.scanLog.allow(self._prefix)
+
+    def _logAbandoned(self) -> None:
+        suppressed = self._allowLog()
+        if suppressed is None:
+            return
+        self._factory.log.info(
+            "dwtrust: {source} left during the handshake, after {stage}"
+            " ({suppressed} more from {prefix} not logged)",
+            event="dwtrust.abandoned",
+            source=self._source,
+            prefix=self._prefix,
+            stage=self._reached,
+            suppressed=suppressed,
+            peer_name=self.peer.name if self.peer else None,
+            fingerprint=self.peer.fingerprint if self.peer else None,
+        )
+
+    def _isStranger(self) -> bool:
+        """
+        Whether the peer has proved a key not trusted here before.  (Before
+        its proof, it is given the benefit of the doubt until it has one.)
+        """
+        assert self._admission is not None
+        return self.peer is not None and not self._admission.trustedBefore(
+            self.peer.fingerprint
+        )
+
+    def _overBudget(self) -> str:
+        assert self._admission is not None
+        return (
+            f"the service holds {self._admission.heldBytes} bytes for peers not"
+            f" yet trusted, more than its {self._admission.limits.maxHeldBytes};"
+            " try again later"
+        )
+
+    def _admitDecision(self, peer: PeerIdentity) -> Refusal | None:
+        """
+        Count this connection as waiting for a decision about C{peer}, or
+        say why it may not wait.
+        """
+        admission = self._admission
+        if admission is None:
+            return None
+        if (
+            self._heldCounted
+            and admission.heldBytes > admission.limits.maxHeldBytes
+            and not admission.trustedBefore(peer.fingerprint)
+        ):
+            return Refusal(ErrorCode.unavailable, self._overBudget())
+        try:
+            admission.takeWaiting(peer.fingerprint)
+        except Refused as e:
+            return Refusal(ErrorCode.unavailable, f"{e}; try again later")
+        self._waitingFor = peer.fingerprint
+        return None
+
+    def _decided(self) -> None:
+        waitingFor, self._waitingFor = self._waitingFor, None
+        if waitingFor is not None and self._admission is not None:
+            self._admission.releaseWaiting(waitingFor)
+
+    def _releaseHeld(self) -> None:
+        counted, self._heldCounted = self._heldCounted, 0
+        if counted and self._admission is not None:
+            self._admission.hold(-counted)
+
+    def _trustedNow(self) -> None:
+        """
+        The peer is trusted: it no longer counts against the limits on
+        strangers.
+        """
+        self._releaseHeld()
+        if self._untrusted:
+            assert self._admission is not None
+            self._untrusted = False
+            self._admission.releaseUntrusted(self._prefix)
+            if self.peer is not None:
+                self._admission.rememberTrusted(self.peer.fingerprint, self._prefix)
+
+    def _releaseLimits(self) -> None:
+        if self._admission is None:
+            return
+        self._leavePlace()
+        self._decided()
+        self._releaseHeld()
+        if self._untrusted:
+            self._untrusted = False
+            self._admission.releaseUntrusted(self._prefix)
 
     # Effects, called by the machine
 
     def sendFrame(self, frame: Frame) -> None:
+        if isinstance(frame, Challenge):
+            self._reached = "challenge"
         self.transport.write(encodeFrame(frame))
 
     def requestDecision(self, peer: PeerIdentity) -> None:
         self.peer = peer
+        self._reached = "proof"
         policy = self._factory.policy
         self._resetTimer(self._factory.decisionTimeout)
-        decision = self._decision = policy.check(peer, self._source)
+        limited = self._admitDecision(peer)
+        decision = self._decision = (
+            policy.check(peer, self._source) if limited is None else fail(limited)
+        )
 
         def trusted(_: object) -> None:
             self._decision = None
+            self._decided()
             self._machine.trusted()
 
         def refused(failure: Failure) -> None:
             if failure.check(CancelledError) and self._decision is None:
                 return
             self._decision = None
+            self._decided()
             if failure.check(Refusal):
                 refusal: Refusal = failure.value  # type: ignore[assignment]
                 self._machine.refuse(refusal.code, refusal.message)
@@ -372,6 +548,7 @@ class HandshakeProtocol(Protocol):
         decision.addCallbacks(trusted, refused)
 
     def cancelDecision(self) -> None:
+        self._decided()
         decision, self._decision = self._decision, None
         if decision is not None:
             decision.cancel()
@@ -403,6 +580,7 @@ class HandshakeProtocol(Protocol):
     def established(self) -> None:
         self._cancelTimer()
         self._trusted = True
+        self._trustedNow()
         trustWaiters, self._trustWaiters = self._trustWaiters, []
         for waiting in trustWaiters:
             waiting.callback(None)
@@ -462,6 +640,14 @@ class HandshakeProtocol(Protocol):
         self._cancelTimer()
         self._stage = _Stage.discarded
         self._held = []
+        self._releaseHeld()
+        if (
+            self._admission is not None
+            and self.peer is not None
+            and code in _DISTRUSTED
+            and not byPeer
+        ):
+            self._admission.forgetTrusted(self.peer.fingerprint)
         self._failure = HandshakeFailed(code, message, byPeer)
         trustWaiters, self._trustWaiters = self._trustWaiters, []
         for waiting in trustWaiters:
@@ -527,7 +713,16 @@ class HandshakeFactory(Factory):
         decisionTimeout: float,
         source: str | None = None,
         randomBytes: Callable[[int], bytes] = os.urandom,
+        limits: Limits | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        """
+        @param limits: the limits on peers; only C{maxCertificate} applies
+            without C{admission}.
+        @param admission: for a server, the counts its limits bound (shared
+            with the other server factories of an authenticator); L{None} for
+            no limits on connections.
+        """
         self.applicationFactory = applicationFactory
         self.identity = identity
         self.policy = policy
@@ -537,6 +732,8 @@ class HandshakeFactory(Factory):
         self.decisionTimeout = decisionTimeout
         self.randomBytes = randomBytes
         self._source = source
+        self.limits = limits if limits is not None else Limits()
+        self.admission = None if isClient else admission
         self.sessions: dict[str, set[HandshakeProtocol]] = {}
 
     def doStart(self) -> None:
@@ -546,11 +743,32 @@ class HandshakeFactory(Factory):
         self.applicationFactory.doStop()
 
     def buildProtocol(self, addr: IAddress) -> HandshakeProtocol | None:  # type: ignore[override]
+        source = self._source or _describe(addr)
+        prefix = sourcePrefix(addr)
+        if self.admission is not None:
+            try:
+                self.admission.takeUntrusted(prefix)
+            except Refused as e:
+                # Before TLS no dwtrust frame can be sent: the connection is
+                # closed at once, at the cost of one (rate-limited) log line.
+                suppressed = self.admission.refusalLog.allow(prefix)
+                if suppressed is not None:
+                    self.log.warn(
+                        "dwtrust: refused a connection from {source}: {reason}"
+                        " ({suppressed} more from {prefix} not logged)",
+                        event="dwtrust.limited",
+                        source=source,
+                        prefix=prefix,
+                        reason=str(e),
+                        suppressed=suppressed,
+                    )
+                return None
         application = self.applicationFactory.buildProtocol(addr)
         if application is None:
+            if self.admission is not None:
+                self.admission.releaseUntrusted(prefix)
             return None
-        source = self._source or _describe(addr)
-        return HandshakeProtocol(self, application, source)
+        return HandshakeProtocol(self, application, source, prefix)
 
     # Who is connected, for revocation.
 
@@ -583,9 +801,23 @@ def tlsFactory(
     """
     Put TLS under a L{HandshakeFactory}.
     """
-    return TLSMemoryBIOFactory(
+    return _TLSFactory(
         creator,
         handshakeFactory.isClient,
         handshakeFactory,
         clock=handshakeFactory.clock,
     )
+
+
+class _TLSFactory(TLSMemoryBIOFactory):
+    """
+    A TLS factory that, like any factory, may refuse a connection: when the
+    wrapped factory builds no protocol, neither does this one (and the
+    connection is closed at once).
+    """
+
+    def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)

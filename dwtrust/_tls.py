@@ -24,8 +24,9 @@ loudly.
 from __future__ import annotations
 
 import datetime
-import functools
+import hashlib
 import secrets
+from collections import OrderedDict
 
 from attrs import frozen
 from cryptography import x509
@@ -41,6 +42,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from ._identity import Identity, IdentityError, PublicKey
+from ._limits import DEFAULT_MAX_CERTIFICATE
 from ._wire import EXPORTER_LABEL, EXPORTER_SIZE, ErrorCode, WireError
 
 #: Key-exchange groups, most preferred first.
@@ -191,24 +193,82 @@ class Channel:
     version: str
 
 
-@functools.lru_cache(maxsize=4096)
+#: Certificate keys remembered, at most (the least recently used forgotten).
+KEY_CACHE_SIZE = 4096
+_keys: OrderedDict[bytes, PublicKey] = OrderedDict()
+
+
 def _certificateKey(der: bytes) -> PublicKey:
     """
     The key of a certificate, given as DER.  The same peers connect again and
-    again with the same certificate, so the key is not parsed again each time:
-    the result depends on the bytes alone, and failures are not cached.
+    again with the same certificate, so the key is not parsed again each time.
+    The cache is keyed by the certificate's SHA-256 digest, not its bytes, so
+    an entry costs the same whatever the peer sent (its size is bounded
+    before this, too); failures are not cached.
     """
+    digest = hashlib.sha256(der).digest()
+    key = _keys.get(digest)
+    if key is not None:
+        _keys.move_to_end(digest)
+        return key
     certificate = x509.load_der_x509_certificate(der)
-    return PublicKey.fromKey(certificate.public_key())  # type: ignore[arg-type]
+    key = PublicKey.fromKey(certificate.public_key())  # type: ignore[arg-type]
+    _keys[digest] = key
+    if len(_keys) > KEY_CACHE_SIZE:
+        _keys.popitem(last=False)
+    return key
 
 
-def channelOf(connection: SSL.Connection) -> Channel:
+def clearKeyCache() -> None:
+    """
+    Forget every remembered certificate key.
+    """
+    _keys.clear()
+
+
+def _peerCertificate(connection: SSL.Connection, maxCertificate: int) -> bytes:
+    """
+    The DER of the one certificate the peer presented.
+
+    @raise WireError: (C{protocol_error}) if it presented none, more than one,
+        or one larger than C{maxCertificate} bytes.
+    """
+    certificate = connection.get_peer_certificate()
+    if certificate is None:
+        raise WireError(ErrorCode.protocol_error, "the peer sent no certificate")
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
+    if len(der) > maxCertificate:
+        raise WireError(
+            ErrorCode.protocol_error,
+            f"the certificate is {len(der)} bytes; at most {maxCertificate}"
+            " are accepted",
+        )
+    # A client's chain leaves out its certificate, a server's includes it:
+    # either way, nothing else may be in it.
+    chain = connection.get_peer_cert_chain() or []
+    others = [
+        c for c in chain if crypto.dump_certificate(crypto.FILETYPE_ASN1, c) != der
+    ]
+    if others or len(chain) > 1:
+        raise WireError(
+            ErrorCode.protocol_error,
+            f"the peer presented {len(others) + 1} certificates; exactly one is"
+            " accepted",
+        )
+    return der
+
+
+def channelOf(
+    connection: SSL.Connection, maxCertificate: int = DEFAULT_MAX_CERTIFICATE
+) -> Channel:
     """
     Read the channel binding and the peer's certificate key from a connection
     whose TLS handshake has finished.
 
+    @param maxCertificate: bytes of the peer's certificate, at most.
     @raise WireError: if the connection cannot be bound (TLS 1.2 without the
-        extended master secret) or the certificate's key is not acceptable.
+        extended master secret), or the peer did not present exactly one
+        certificate of at most C{maxCertificate} bytes with an acceptable key.
     """
     version = connection.get_protocol_version_name()
     if version != "TLSv1.3" and not usedExtendedMasterSecret(connection):
@@ -216,14 +276,10 @@ def channelOf(connection: SSL.Connection) -> Channel:
             ErrorCode.protocol_error,
             f"{version} without the extended master secret cannot be bound",
         )
-    certificate = connection.get_peer_certificate()
-    if certificate is None:
-        raise WireError(ErrorCode.protocol_error, "the peer sent no certificate")
+    der = _peerCertificate(connection, maxCertificate)
     try:
-        peerKey = _certificateKey(
-            crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
-        )
-    except IdentityError as e:
+        peerKey = _certificateKey(der)
+    except (IdentityError, ValueError) as e:
         raise WireError(
             ErrorCode.bad_signature, f"the certificate key is not acceptable: {e}"
         ) from None

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from ._authority import Decisions
 from ._decision import Signers
 from ._identity import Identity
+from ._limits import Admission, Limits
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import HandshakeFactory, HandshakeProtocol, tlsFactory
 from ._tls import ConnectionCreator
@@ -48,6 +49,9 @@ class Authenticator:
     @ivar clock: schedules time-outs; the reactor, or a fake clock in tests.
     @ivar timeout: seconds allowed from connect to the end of the handshake.
     @ivar decisionTimeout: seconds a connection may wait for a decision.
+    @ivar limits: the limits on what peers not yet trusted can make the
+        server side hold (see L{Limits}); one set of counts covers every
+        server factory this authenticator wraps.
     """
 
     identity: Identity
@@ -56,12 +60,15 @@ class Authenticator:
     clock: IReactorTime
     timeout: float = DEFAULT_TIMEOUT
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT
+    limits: Limits = field(factory=Limits)
     _creator: ConnectionCreator = field(init=False)
+    _admission: Admission = field(init=False)
     _servers: list[HandshakeFactory] = field(init=False, factory=list)
     _closers: list[Callable[[], Deferred[None]]] = field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         self._creator = ConnectionCreator(self.identity)
+        self._admission = Admission(self.limits, self.clock.seconds)
 
     def _handshakeFactory(
         self,
@@ -82,6 +89,8 @@ class Authenticator:
             self.timeout,
             self.decisionTimeout,
             source,
+            limits=self.limits,
+            admission=None if isClient else self._admission,
         )
 
     def wrapServerFactory(

@@ -28,6 +28,7 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from . import _limits as limits
 from ._authority import Decisions
 from ._decision import DecisionError, Signers, readOwnerKey, registeredOwners
 from ._endpoints import quoteArgument
@@ -81,6 +82,16 @@ def _positive(value: str) -> float:
 
 
 _positive.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not a positive whole number")
+    return number
+
+
+_count.coerceDoc = "A positive whole number."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -153,6 +164,63 @@ class Options(usage.Options):
             None,
             DEFAULT_DECISION_TIMEOUT,
             "Seconds a connection is held while it waits for a decision.",
+            _positive,
+        ],
+        [
+            "max-certificate",
+            None,
+            limits.DEFAULT_MAX_CERTIFICATE,
+            "Bytes of a peer's certificate at most (a dwtrust certificate is"
+            " under 2.5 KiB).",
+            _count,
+        ],
+        [
+            "max-untrusted",
+            None,
+            limits.DEFAULT_MAX_UNTRUSTED,
+            "Connections not yet trusted, at most.",
+            _count,
+        ],
+        [
+            "max-untrusted-per-source",
+            None,
+            limits.DEFAULT_MAX_UNTRUSTED_PER_SOURCE,
+            "Connections not yet trusted from one IPv4 /24 or IPv6 /64, at most.",
+            _count,
+        ],
+        [
+            "max-waiting-per-key",
+            None,
+            limits.DEFAULT_MAX_WAITING_PER_KEY,
+            "Connections of a key trusted before waiting for a decision, at most.",
+            _count,
+        ],
+        [
+            "max-waiting-per-new-key",
+            None,
+            limits.DEFAULT_MAX_WAITING_PER_NEW_KEY,
+            "Connections of a key never trusted waiting for a decision, at most.",
+            _count,
+        ],
+        [
+            "max-held-bytes",
+            None,
+            limits.DEFAULT_MAX_HELD_BYTES,
+            "Application bytes held for connections not yet trusted, in total.",
+            _count,
+        ],
+        [
+            "max-tls-handshakes",
+            None,
+            limits.DEFAULT_MAX_TLS_HANDSHAKES,
+            "TLS handshakes in progress at most; more wait for a place.",
+            _count,
+        ],
+        [
+            "scan-log-interval",
+            None,
+            limits.DEFAULT_SCAN_LOG_INTERVAL,
+            "Seconds between log lines about abandoned handshakes from one source.",
             _positive,
         ],
         [
@@ -493,6 +561,7 @@ def _makeService(options: Options) -> IService:
         clock,  # type: ignore[arg-type]
         options["timeout"],
         options["decision-timeout"],
+        _limitsOf(options),
     )
     decisions.sessions = authenticator.sessionsOf
     if IStoreEvents.providedBy(store):
@@ -539,6 +608,7 @@ def _makeService(options: Options) -> IService:
         OwnersOnlyPolicy(owners) if provisioning is None else ControlPolicy(),
         None,
         clock,  # type: ignore[arg-type]
+        limits=_limitsOf(options),
     )
     controlPort = StreamServerEndpointService(
         controlAuthenticator.serverEndpoint(control),
@@ -550,6 +620,23 @@ def _makeService(options: Options) -> IService:
         min(60.0, options["request-ttl"] / 4), _expire, store, bus, identity.name
     ).setServiceParent(daemon)
     return daemon
+
+
+def _limitsOf(options: Options) -> limits.Limits:
+    """
+    The limits the options give (see the "Limits" section of
+    C{docs/daemon.rst}).
+    """
+    return limits.Limits(
+        maxCertificate=options["max-certificate"],
+        maxUntrusted=options["max-untrusted"],
+        maxUntrustedPerSource=options["max-untrusted-per-source"],
+        maxWaitingPerKey=options["max-waiting-per-key"],
+        maxWaitingPerNewKey=options["max-waiting-per-new-key"],
+        maxHeldBytes=options["max-held-bytes"],
+        maxTLSHandshakes=options["max-tls-handshakes"],
+        scanLogInterval=options["scan-log-interval"],
+    )
 
 
 def _join(text: str, directory: FilePath[str], store: str | None) -> None:
