@@ -20,13 +20,13 @@ addresses, is one IPv4 /24.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from attrs import define, field, frozen, validators
 from twisted.internet.interfaces import IAddress
+
+from .store._interface import hostPrefix
 
 #: Bytes of a peer's certificate, at most.  A dwtrust certificate is made
 #: in memory from the identity key: about 300 bytes for Ed25519, 400 to 500
@@ -108,27 +108,14 @@ class Limits:
 def sourcePrefix(address: IAddress) -> str:
     """
     The source a connection is counted under: its IPv4 /24 or IPv6 /64 (an
-    IPv4-mapped IPv6 address counts as IPv4), C{"unix"} for a UNIX socket,
-    or the address's text for anything else.
+    IPv4-mapped IPv6 address counts as IPv4; see
+    L{dwtrust.store.sourceHost}, the same rule for the pending caps),
+    C{"unix"} for a UNIX socket, or the address's text for anything else.
     """
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return "unix" if hasattr(address, "name") else repr(address)
-    try:
-        packed = socket.inet_pton(socket.AF_INET, host)
-    except OSError:
-        try:
-            packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
-        except OSError:
-            return host
-        if packed[:12] != _MAPPED:
-            network = ipaddress.IPv6Address(packed[:8] + bytes(8))
-            return f"{network}/64"
-        packed = packed[12:]
-    return f"{packed[0]}.{packed[1]}.{packed[2]}.0/24"
-
-
-_MAPPED = bytes(10) + b"\xff\xff"
+    return hostPrefix(host)
 
 
 @define

@@ -103,6 +103,9 @@ class ApprovalPolicy:
             )
         self.decisions = decisions
         self.bus = bus
+        #: If set, told the source of every connection of an approved key
+        #: (the daemon's L{KnownSources <dwtrust.approval.KnownSources>}).
+        self.approvedFrom: Callable[[str], object] | None = None
 
     @property
     def serviceName(self) -> str:
@@ -151,6 +154,8 @@ class ApprovalPolicy:
                 if decision.state != KeyState.approved.value:
                     code = _REFUSED_STATES[KeyState(decision.state)]
                     raise Refusal(code, f"this key is {decision.state}")
+                if self.approvedFrom is not None:
+                    self.approvedFrom(source)
                 return
             if record.state not in (KeyState.pending, KeyState.approved):
                 # A refusal stands even unsigned: failing closed is safe.

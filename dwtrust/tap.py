@@ -38,19 +38,34 @@ from ._policy import ApprovalPolicy, PinningPolicy
 from ._sidecar import Mapping, SidecarError, SidecarFactory
 from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
 from .approval import approverFromSpecs, checkApproverSpecs
+from .approval._limits import (
+    DEFAULT_MAX_APPROVER_CALLS,
+    ApproverLimits,
+    KnownSources,
+    LimitedApprover,
+)
 from .approval._owners import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_PER_SOURCE,
+    DEFAULT_PENDING_RESERVE,
     DEFAULT_REQUEST_TTL,
     OwnersApprover,
     announceFleetRequests,
 )
 from .control import (
     ControlBus,
+    ControlLimits,
     ControlMessage,
     ControlPolicy,
     OwnersOnlyPolicy,
     controlFactory,
+)
+from .control._server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_FIELDS,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_PER_KEY,
 )
 from .provisioning import JoinError, JoinToken, Provisioning
 from .store import (
@@ -235,7 +250,60 @@ class Options(usage.Options):
             "max-pending-per-source",
             None,
             DEFAULT_MAX_PENDING_PER_SOURCE,
-            "Pending requests from one address at most.",
+            "Pending requests from one address prefix (an IPv4 /24, an IPv6"
+            " /64) at most; every approver runs behind this cap and"
+            " --max-pending.",
+            int,
+        ],
+        [
+            "pending-reserve",
+            None,
+            None,
+            "How many of --max-pending only address prefixes an approved key"
+            " connected from may use (0 for none) [a fifth of --max-pending].",
+            int,
+        ],
+        [
+            "max-approver-calls",
+            None,
+            DEFAULT_MAX_APPROVER_CALLS,
+            "Webhook and Python approver calls under way at once, at most.",
+            int,
+        ],
+        [
+            "control-max-message",
+            None,
+            DEFAULT_MAX_MESSAGE,
+            "Bytes of one control-channel message at most.",
+            int,
+        ],
+        [
+            "control-max-fields",
+            None,
+            DEFAULT_MAX_FIELDS,
+            "Fields of one control-channel message at most.",
+            int,
+        ],
+        [
+            "control-idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds a control connection of a key that is not an owner's may"
+            " stay silent while nothing is being answered.",
+            _positive,
+        ],
+        [
+            "control-max-per-key",
+            None,
+            DEFAULT_MAX_PER_KEY,
+            "Control connections at once of one key that is not an owner's.",
+            int,
+        ],
+        [
+            "control-max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Control connections at once of all keys that are not owners'.",
             int,
         ],
     ]
@@ -313,9 +381,26 @@ class Options(usage.Options):
             checkApproverSpecs(self["approvers"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        for name in ["max-pending", "max-pending-per-source", "store-pool"]:
+        for name in [
+            "max-pending",
+            "max-pending-per-source",
+            "store-pool",
+            "max-approver-calls",
+            "control-max-message",
+            "control-max-fields",
+            "control-max-per-key",
+            "control-max-connections",
+        ]:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if self["pending-reserve"] is None:
+            self["pending-reserve"] = (
+                self["max-pending"] * DEFAULT_PENDING_RESERVE // DEFAULT_MAX_PENDING
+            )
+        if not 0 <= self["pending-reserve"] < self["max-pending"]:
+            raise usage.UsageError(
+                "--pending-reserve must be at least 0 and less than --max-pending"
+            )
         if self["listen"] is None and not self["connect"]:
             self["listen"] = DEFAULT_LISTEN
         if not self["forward"]:
@@ -539,6 +624,7 @@ def _makeService(options: Options) -> IService:
         raise usage.UsageError(str(e)) from None
     bus = ControlBus()
     decisions = Decisions(identity, store, owners, newest, bus)
+    known = KnownSources()
     try:
         approver = approverFromSpecs(
             options["approvers"],
@@ -548,12 +634,25 @@ def _makeService(options: Options) -> IService:
                 options["request-ttl"],
                 options["max-pending"],
                 options["max-pending-per-source"],
+                known=known,
+                reserved=options["pending-reserve"],
             ),
+            ApproverLimits(
+                options["max-pending-per-source"],
+                options["max-pending"],
+                options["pending-reserve"],
+                options["max-approver-calls"],
+                options["request-ttl"],
+            ),
+            known,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
+    if isinstance(approver, LimitedApprover):
+        bus.watch(approver.heard)
     clock = IReactorCore(reactor)
     policy = ApprovalPolicy(store, approver, identity, bus=bus, decisions=decisions)
+    policy.approvedFrom = known.add
     authenticator = Authenticator(
         identity,
         policy,
@@ -612,7 +711,18 @@ def _makeService(options: Options) -> IService:
     )
     controlPort = StreamServerEndpointService(
         controlAuthenticator.serverEndpoint(control),
-        controlFactory(decisions, bus, provisioning),
+        controlFactory(
+            decisions,
+            bus,
+            provisioning,
+            ControlLimits(
+                options["control-max-message"],
+                options["control-max-fields"],
+                options["control-idle-timeout"],
+                options["control-max-per-key"],
+                options["control-max-connections"],
+            ),
+        ),
     )
     controlPort._raiseSynchronously = True
     controlPort.setServiceParent(daemon)

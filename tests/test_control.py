@@ -372,7 +372,7 @@ class ListTests(ControlTestCase):
             self.successResultOf(
                 self.store.addPending(
                     peer,
-                    f"10.0.{i // 250}.{i % 250}:1",
+                    f"10.{i // 250}.{i % 250}.1:1",
                     f"{i:010x}",
                     NOW + 60,
                     10,

@@ -588,8 +588,9 @@ class KeyRequestsTests(SynchronousTestCase):
 
     def test_capPerSource(self) -> None:
         """
-        Beyond C{maxPendingPerSource} requests from one host (whatever the
-        port), more from it are refused; other hosts may still ask.
+        Beyond C{maxPendingPerSource} requests from one address prefix
+        (whatever the address in it and the port), more from it are refused;
+        other prefixes may still ask.
         """
         requests = KeyRequests(SERVICE, self.bus, self.clock, maxPendingPerSource=1)
         requests.add(peerOf(makeIdentity("acme", "r1")), "10.0.0.1:1000", "a")
@@ -597,10 +598,11 @@ class KeyRequestsTests(SynchronousTestCase):
         error = self.assertRaises(
             KeyRequestRefused, requests.add, second, "10.0.0.1:2000", "b"
         )
-        self.assertIn("10.0.0.1 already has 1 pending key requests", str(error))
+        self.assertIn("10.0.0.0/24 already has 1 pending key requests", str(error))
         [event] = eventsNamed(self.events, "dwtrust.key_request.refused")
         self.assertEqual(event["fingerprint"], second.fingerprint)
-        requests.add(second, "10.0.0.2:2000", "b")
+        self.assertRaises(KeyRequestRefused, requests.add, second, "10.0.0.9:1", "b")
+        requests.add(second, "10.0.1.2:2000", "b")
         self.assertEqual(len(list(requests)), 2)
 
     def test_release(self) -> None:
@@ -811,6 +813,7 @@ class ChannelTestCase(SynchronousTestCase):
             decisionsFor(self.daemon, self.store, self.owners, self.bus, self.clock),
             self.bus,
             self.provisioning,
+            clock=self.clock,
         )
         self.pumps: list[IOPump] = []
 

@@ -360,8 +360,9 @@ class StoreContractMixin:
 
     def test_pendingCappedPerHost(self) -> Deferred[None]:
         """
-        The cap per source counts the host, whatever port each connection
-        came from; another host still gets its requests in, up to the total.
+        The cap per source counts the address prefix (an IPv4 /24),
+        whatever address in it and port each connection came from; another
+        prefix still gets its requests in, up to the total.
         """
 
         async def run() -> None:
@@ -374,10 +375,15 @@ class StoreContractMixin:
                 store.addPending(peerIdentity(), "10.0.0.1:40009", "x", 99, 2, 3),
                 PendingFull,
             )
-            self.assertIn("10.0.0.1", str(error))
+            self.assertIn("10.0.0.0/24", str(error))
+            # Another address of the same /24 is the same source.
+            await self.assertFailure(
+                store.addPending(peerIdentity(), "10.0.0.77:1", "z", 99, 2, 3),
+                PendingFull,
+            )
             await store.addPending(peerIdentity(), "[::1]:40000", "v6", 99, 2, 3)
             await self.assertFailure(
-                store.addPending(peerIdentity(), "10.0.0.2:1", "y", 99, 2, 3),
+                store.addPending(peerIdentity(), "10.9.0.2:1", "y", 99, 2, 3),
                 PendingFull,
             )
             self.assertEqual(len(await store.pending()), 3)
@@ -853,16 +859,23 @@ class MemoryTrustStoreInterfaceTests(SynchronousTestCase):
 
 class SourceHostTests(SynchronousTestCase):
     """
-    L{sourceHost}: the host a source address is capped under.
+    L{sourceHost}: the address prefix a source is capped under (an IPv4
+    /24, an IPv6 /64).
     """
 
     def test_hosts(self) -> None:
         for source, host in [
-            ("10.1.2.3:5678", "10.1.2.3"),
-            ("[::1]:5678", "::1"),
-            ("[2001:db8::7]:443", "2001:db8::7"),
+            ("10.1.2.3:5678", "10.1.2.0/24"),
+            ("10.1.2.250:1", "10.1.2.0/24"),
+            ("10.1.3.3:5678", "10.1.3.0/24"),
+            ("[::1]:5678", "::/64"),
+            ("[2001:db8::7]:443", "2001:db8::/64"),
+            ("[2001:db8::ffff:1:2]:443", "2001:db8::/64"),
+            ("[2001:db8:0:1::7]:443", "2001:db8:0:1::/64"),
+            ("[::ffff:10.1.2.3]:443", "10.1.2.0/24"),
+            ("[fe80::1%eth0]:443", "fe80::/64"),
             ("unix:'/run/x.sock'", "unix:'/run/x.sock'"),
-            ("::1", "::1"),
-            ("10.1.2.3", "10.1.2.3"),
+            ("::1", "::/64"),
+            ("10.1.2.3", "10.1.2.0/24"),
         ]:
             self.assertEqual(sourceHost(source), host, source)

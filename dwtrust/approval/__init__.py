@@ -19,6 +19,7 @@ from ._builtin import (
 )
 from ._chain import ChainApprover
 from ._interface import ApprovalRequest, Decision, IApprover
+from ._limits import ApproverLimits, KnownSources, LimitedApprover
 from ._owners import OwnersApprover
 from ._python import ApprovalCallback, CallableApprover, PythonApprover
 from ._webhook import (
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_WEBHOOK_TIMEOUT",
     "ApprovalCallback",
     "ApprovalRequest",
+    "ApproverLimits",
     "AutoApprover",
     "CallableApprover",
     "ChainApprover",
@@ -40,6 +42,8 @@ __all__ = [
     "DenyApprover",
     "IApprover",
     "KnownOnlyApprover",
+    "KnownSources",
+    "LimitedApprover",
     "OwnersApprover",
     "PythonApprover",
     "WebhookApprover",

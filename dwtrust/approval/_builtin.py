@@ -12,6 +12,13 @@ from zope.interface import implementer
 
 from ._chain import ChainApprover
 from ._interface import ApprovalRequest, Decision, IApprover
+from ._limits import (
+    ApproverCalls,
+    ApproverLimits,
+    CallLimited,
+    KnownSources,
+    LimitedApprover,
+)
 from ._python import PythonApprover, resolveCallback
 from ._webhook import WebhookApprover, checkWebhookURL
 
@@ -165,7 +172,10 @@ def approverFromSpec(spec: str, owners: IApprover | None = None) -> IApprover:
 
 
 def approverFromSpecs(
-    specs: Sequence[str], owners: IApprover | None = None
+    specs: Sequence[str],
+    owners: IApprover | None = None,
+    limits: ApproverLimits | None = None,
+    known: KnownSources | None = None,
 ) -> IApprover:
     """
     The approver that specs name (see L{approverFromSpec}).  Several are
@@ -173,6 +183,10 @@ def approverFromSpecs(
     "owners"]} lets acme's policy decide what it can, and the owners the rest.
 
     @param owners: the owners' approver, where there is one.
+    @param limits: if given, the whole chain runs behind these caps (a
+        L{LimitedApprover}), and the machine approvers in it (webhooks,
+        Python callbacks) behind a shared cap on calls at once.
+    @param known: the prefixes the reserved share of C{limits} is for.
     @raise ValueError: if C{specs} is empty, or for any spec that is wrong.
     """
     if isinstance(specs, str):
@@ -180,9 +194,18 @@ def approverFromSpecs(
     if not specs:
         raise ValueError("no approver given")
     approvers = [approverFromSpec(spec, owners) for spec in specs]
-    if len(approvers) == 1:
-        return approvers[0]
-    return ChainApprover(approvers)
+    if limits is not None:
+        calls = ApproverCalls(limits.maxCalls)
+        approvers = [
+            CallLimited(a, calls)
+            if isinstance(a, (WebhookApprover, PythonApprover))
+            else a
+            for a in approvers
+        ]
+    approver = approvers[0] if len(approvers) == 1 else ChainApprover(approvers)
+    if limits is None:
+        return approver
+    return LimitedApprover(approver, limits, known)
 
 
 def approverFromName(name: str) -> IApprover:

@@ -21,11 +21,23 @@ from .._machine import Refusal
 from .._wire import ErrorCode
 from ..store import IStoreEvents, ITrustStore, KeyState, PendingFull, StoreChange
 from ._interface import ApprovalRequest, Decision, IApprover
+from ._limits import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_SOURCE,
+    DEFAULT_PENDING_RESERVE,
+    DEFAULT_REQUEST_TTL,
+    KnownSources,
+)
 
-#: Seconds a pending request lives, unless an owner decides sooner.
-DEFAULT_REQUEST_TTL = 24 * 3600.0
-DEFAULT_MAX_PENDING = 1000
-DEFAULT_MAX_PENDING_PER_SOURCE = 10
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_PER_SOURCE",
+    "DEFAULT_PENDING_RESERVE",
+    "DEFAULT_REQUEST_TTL",
+    "OwnersApprover",
+    "announceFleetRequests",
+    "newRequestId",
+]
 
 
 def newRequestId() -> str:
@@ -54,6 +66,10 @@ class OwnersApprover:
     control message to the owners, and waits for their signed decision, which
     arrives through the L{ControlBus}.  The connection's wait is bounded by
     its decision timeout; the request outlives it, until it expires.
+
+    Pending requests are capped per address prefix (see
+    L{dwtrust.store.sourceHost}) and in all; C{reserved} of the total are
+    kept for the prefixes in C{known} (where approved keys connected from).
     """
 
     name = "owners"
@@ -67,6 +83,8 @@ class OwnersApprover:
         maxPending: int = DEFAULT_MAX_PENDING,
         maxPendingPerSource: int = DEFAULT_MAX_PENDING_PER_SOURCE,
         now: Callable[[], float] = time.time,
+        known: KnownSources | None = None,
+        reserved: int = 0,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -74,6 +92,13 @@ class OwnersApprover:
         self.maxPending = maxPending
         self.maxPendingPerSource = maxPendingPerSource
         self._now = now
+        self.known = known
+        self.reserved = reserved
+
+    def _maxTotal(self, source: str) -> int:
+        if self.known is not None and source in self.known:
+            return self.maxPending
+        return max(self.maxPending - self.reserved, 0)
 
     def requestApproval(self, request: ApprovalRequest) -> Deferred[Decision]:
         return Deferred.fromCoroutine(self._request(request))
@@ -90,7 +115,7 @@ class OwnersApprover:
                 newRequestId(),
                 self._now() + self.ttl,
                 self.maxPendingPerSource,
-                self.maxPending,
+                self._maxTotal(request.source),
             )
         except PendingFull as e:
             _stop(waiting)

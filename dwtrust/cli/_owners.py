@@ -7,6 +7,7 @@ C{join-token}.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from ..control import (
     openControl,
     signDecision,
 )
-from ..control._protocol import exactly, matches, normalizePrefix
+from ..control._protocol import DecisionRefused, exactly, matches, normalizePrefix
 from ..provisioning import (
     issueJoinToken,
 )
@@ -46,6 +47,8 @@ from ._common import (
 )
 
 # The owners' commands: pending, peers, approve, deny, block, revoke, watch.
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The control endpoint owners reach by default.
 DEFAULT_CONTROL = "unix:" + os.path.join("~", ".dwtrust", "control.sock")
@@ -127,10 +130,43 @@ class ApproveOptions(_DecideOptions):
 
 class DenyOptions(_DecideOptions):
     state = "denied"
+    synopsis = (
+        "--control ENDPOINT --identity OWNER_DIR [--reason TEXT]"
+        " (ID | --source NETWORK)"
+    )
     longdesc = (
         "Deny a pending request (or a decided key), given by a unique prefix of"
-        " its request ID or fingerprint. The decision is signed with your key."
+        " its request ID or fingerprint; or, with --source, every pending"
+        " request from an address in NETWORK (such as 203.0.113.0/24 or"
+        " 2001:db8::/64), one signed decision each. The decision is signed with"
+        " your key."
     )
+    optParameters = [
+        *_DecideOptions.optParameters,
+        [
+            "source",
+            None,
+            None,
+            "Deny every pending request from this network (an address or"
+            " ADDRESS/BITS) instead of one ID.",
+        ],
+    ]
+
+    def parseArgs(self, target: str = "") -> None:
+        self["target"] = target
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["source"] is None:
+            if not normalizePrefix(self["target"]):
+                raise usage.UsageError("give a request ID or a fingerprint")
+            return
+        if self["target"]:
+            raise usage.UsageError("give a request ID or --source, not both")
+        try:
+            self["source"] = ipaddress.ip_network(self["source"], strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--source: {e}") from None
 
 
 class BlockOptions(_DecideOptions):
@@ -477,9 +513,74 @@ def _writeJSON(out: TextIO, value: Any) -> None:
     out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+def _sourceIn(source: str, network: Network) -> bool:
+    """
+    Whether the address of C{source} (C{HOST:PORT}, C{[HOST]:PORT}) is in
+    C{network}.
+    """
+    if source.startswith("["):
+        host = source[1:].partition("]")[0]
+    else:
+        host = source.rpartition(":")[0] if source.count(":") == 1 else source
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network
+
+
+async def _denySource(
+    client: ControlClient, identity: Identity, options: DenyOptions, out: TextIO
+) -> int:
+    """
+    Deny every pending request from C{--source}'s network: one signed
+    decision each, sent over the control channel.
+    """
+    network: Network = options["source"]
+    listing = await client.pending(limit=1_000_000)
+    chosen = [
+        e
+        for e in listing.entries
+        if e.get("kind") != "key_request" and _sourceIn(str(e.get("source")), network)
+    ]
+    reason = options["reason"] or f"denied with every request from {network}"
+    denied = []
+    for entry in chosen:
+        decision = signDecision(
+            identity, client.peer, entry, "denied", time.time(), reason
+        )
+        try:
+            await client.decide(decision)
+        except DecisionRefused as e:
+            # Decided meanwhile (or lapsed): the others go on.
+            out.write(_printable(f"not denied {entry['fingerprint']}: {e}") + "\n")
+            continue
+        denied.append(entry)
+        if not options["json"]:
+            out.write(describeDecision(decision, entry) + "\n")
+    if options["json"]:
+        _writeJSON(
+            out,
+            {
+                "source": str(network),
+                "denied": [e["fingerprint"] for e in denied],
+                "matched": len(chosen),
+            },
+        )
+    else:
+        out.write(
+            f"denied {len(denied)} of {len(chosen)} pending request(s) from {network}\n"
+        )
+    return OK
+
+
 async def _decideCommand(
     client: ControlClient, identity: Identity, options: _DecideOptions, out: TextIO
 ) -> int:
+    if isinstance(options, DenyOptions) and options["source"] is not None:
+        return await _denySource(client, identity, options, out)
     entry = await _target(client, options)
     state = options.state
     if entry.get("kind") == "key_request":

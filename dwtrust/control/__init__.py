@@ -32,12 +32,19 @@ from ._protocol import (
     Notify,
     Watch,
 )
-from ._server import ControlPolicy, ControlServer, OwnersOnlyPolicy, controlFactory
+from ._server import (
+    ControlLimits,
+    ControlPolicy,
+    ControlServer,
+    OwnersOnlyPolicy,
+    controlFactory,
+)
 
 __all__ = [
     "ControlBus",
     "ControlClient",
     "ControlFailed",
+    "ControlLimits",
     "ControlMessage",
     "ControlPolicy",
     "ControlProtocol",

@@ -13,8 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from attrs import frozen
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -48,6 +55,45 @@ from ._protocol import (
     matchesKey,
     page,
 )
+
+#: The most bytes of one AMP message (box) the control channel takes: one
+#: value at AMP's own limit (64 KiB) with its keys, and room to spare.  The
+#: largest message an owner's client sends (a signed decision) is a few KiB.
+DEFAULT_MAX_MESSAGE = 128 * 1024
+#: The most fields (key and value pairs) of one message.  The largest
+#: command (Join) has five, with AMP's own C{_command} and C{_ask}.
+DEFAULT_MAX_FIELDS = 16
+#: Seconds a connection that is not an owner's may stay silent, when no
+#: answer to it is under way, before it is closed.
+DEFAULT_IDLE_TIMEOUT = 30.0
+#: Control connections at once of one key that is not an owner's.
+DEFAULT_MAX_PER_KEY = 4
+#: Control connections at once of all the keys that are not owners'.
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+@frozen
+class ControlLimits:
+    """
+    What one control connection may make the service hold.  Every message
+    is bounded, from owners too; the idle timeout and the connection caps
+    apply to keys that are not owners' (new instances, service routers,
+    strangers): owners are never counted against them.
+
+    @ivar maxMessage: the most bytes of one message (its keys and values,
+        with their length prefixes).
+    @ivar maxFields: the most fields of one message.
+    @ivar idleTimeout: seconds a non-owner's connection may stay silent
+        while no answer to it is under way.
+    @ivar maxPerKey: a non-owner key's connections at once.
+    @ivar maxConnections: all non-owners' connections at once.
+    """
+
+    maxMessage: int = DEFAULT_MAX_MESSAGE
+    maxFields: int = DEFAULT_MAX_FIELDS
+    idleTimeout: float = DEFAULT_IDLE_TIMEOUT
+    maxPerKey: int = DEFAULT_MAX_PER_KEY
+    maxConnections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @implementer(ITrustPolicy)
@@ -206,6 +252,12 @@ class ControlServer(amp.AMP):
     the owner is told how many were dropped once the connection flows again.
     A slow owner therefore costs the service a bounded amount of memory.
 
+    Every message is bounded (L{ControlLimits}: its bytes and its fields),
+    and a key that is not an owner's is held to the idle timeout, to at
+    most L{MAX_UNANSWERED} commands under way, and to the connection caps
+    its factory counts (L{NonOwnerConnections}).  Past a limit, the
+    connection is closed and one warning logged.
+
     @ivar owner: the connected owner's identity.
     @ivar dropped: how many messages were dropped since the connection
         stalled.
@@ -218,6 +270,8 @@ class ControlServer(amp.AMP):
         decisions: Decisions,
         bus: ControlBus,
         provisioning: Provisioning | None = None,
+        limits: ControlLimits | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         amp.AMP.__init__(self)
         self.provisioning = provisioning
@@ -228,8 +282,24 @@ class ControlServer(amp.AMP):
         self.serviceName = decisions.serviceName
         self.owner: PeerIdentity | None = None
         self.dropped = 0
+        self.limits = limits if limits is not None else ControlLimits()
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        assert clock is not None
+        self._clock: IReactorTime = clock
         self._paused = False
         self._unwatch: Callable[[], None] | None = None
+        #: The key of a connection that is not an owner's, once admitted.
+        self._stranger: PeerIdentity | None = None
+        self._source = ""
+        self._boxBytes = 0
+        self._boxFields = 0
+        self._refused = False
+        #: Commands of this connection being answered.
+        self._busy = 0
+        self._idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         peer = getattr(self.transport, "peer", None)
@@ -239,10 +309,22 @@ class ControlServer(amp.AMP):
             and self.provisioning is not None
             and self.transport is not None
         ):
-            self.locator = self.provisioning.locator(
-                peer, _describe(self.transport.getPeer())
-            )
+            self._source = _describe(self.transport.getPeer())
+            connections = getattr(self.factory, "connections", None)
+            if isinstance(connections, NonOwnerConnections):
+                refusal = connections.admit(peer.fingerprint)
+                if refusal is not None:
+                    self._refuseConnection(
+                        "control_connections",
+                        refusal,
+                        fingerprint=peer.fingerprint,
+                    )
+                    return
+                self._counted = connections
+            self._stranger = peer
+            self.locator = self.provisioning.locator(peer, self._source)
             amp.AMP.connectionMade(self)
+            self._idleLater()
             return
         if not isinstance(peer, PeerIdentity) or peer.fingerprint not in self.owners:
             self.log.error(
@@ -259,12 +341,146 @@ class ControlServer(amp.AMP):
         amp.AMP.connectionMade(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelIdle()
+        counted, self._counted = self._counted, None
+        if counted is not None and self._stranger is not None:
+            counted.release(self._stranger.fingerprint)
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
         if self.locator is not self:
             self.locator.connectionLost()
         amp.AMP.connectionLost(self, reason)
+
+    # Limits
+
+    _counted: NonOwnerConnections | None = None
+
+    def _refuseConnection(self, kind: str, reason: str, **fields: Any) -> None:
+        """
+        Close this connection for a limit it reached: one warning, no
+        traceback, and nothing more read from it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        # Stop parsing what is buffered already, and drop the box so far.
+        self.paused = True
+        self._currentBox = None
+        self._cancelIdle()
+        peer = getattr(self.transport, "peer", None)
+        self.log.warn(
+            "dwtrust: REFUSED a control connection from {fingerprint} at"
+            " {source}: {reason}",
+            event=f"dwtrust.control.{kind}",
+            fingerprint=fields.pop("fingerprint", getattr(peer, "fingerprint", None)),
+            source=self._source
+            or (_describe(self.transport.getPeer()) if self.transport else ""),
+            reason=reason,
+            **fields,
+        )
+        transport = self.transport
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        amp.AMP.dataReceived(self, data)
+
+    def proto_init(self, string: bytes) -> str:
+        self._boxBytes = 0
+        self._boxFields = 0
+        return str(amp.AMP.proto_init(self, string))
+
+    def proto_key(self, string: bytes) -> str:
+        if self._refused:
+            return "init"
+        if string:
+            self._boxFields += 1
+            self._boxBytes += 2 + len(string)
+            if self._boxFields > self.limits.maxFields:
+                self._refuseConnection(
+                    "message_refused",
+                    f"a message with more than {self.limits.maxFields} fields",
+                    limit="fields",
+                )
+                return "init"
+        return str(amp.AMP.proto_key(self, string))
+
+    def proto_value(self, string: bytes) -> str:
+        if self._refused:
+            return "init"
+        self._boxBytes += 2 + len(string)
+        if self._boxBytes > self.limits.maxMessage:
+            self._refuseConnection(
+                "message_refused",
+                f"a message of more than {self.limits.maxMessage} bytes",
+                limit="bytes",
+            )
+            return "init"
+        return str(amp.AMP.proto_value(self, string))
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        if self._refused:
+            return
+        if not any(k in box for k in (b"_answer", b"_error", b"_command")):
+            self._refuseConnection(
+                "message_refused", "a message that is not an AMP command"
+            )
+            return
+        amp.AMP.ampBoxReceived(self, box)
+        self._idleLater()
+
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred[Any]:
+        if self._stranger is not None and self._busy >= MAX_UNANSWERED:
+            self._refuseConnection(
+                "message_refused",
+                f"more than {MAX_UNANSWERED} commands at once",
+                limit="commands",
+            )
+            return Deferred()
+        self._busy += 1
+
+        def answered(result: object) -> object:
+            self._busy -= 1
+            self._idleLater()
+            return result
+
+        dispatching: Deferred[Any] = amp.AMP.dispatchCommand(self, box)
+        return dispatching.addBoth(answered)
+
+    def _cancelIdle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _idleLater(self) -> None:
+        """
+        (Re)start the idle timeout of a connection that is not an owner's,
+        unless an answer to it is under way.
+        """
+        self._cancelIdle()
+        if (
+            self._stranger is None
+            or self._refused
+            or self._busy
+            or self.transport is None
+        ):
+            return
+        self._idle = self._clock.callLater(self.limits.idleTimeout, self._idleOut)
+
+    def _idleOut(self) -> None:
+        self._idle = None
+        self._refuseConnection(
+            "idle_timeout",
+            f"silent for {self.limits.idleTimeout:g} s",
+            limit="idle",
+        )
 
     # Lists
 
@@ -491,6 +707,50 @@ class ControlServer(amp.AMP):
         self._paused = True
 
 
+#: Commands of a non-owner's connection under way at once, at most.
+MAX_UNANSWERED = 8
+
+
+class NonOwnerConnections:
+    """
+    The control connections of keys that are not owners', counted per key
+    and in all, against L{ControlLimits}.
+    """
+
+    def __init__(self, limits: ControlLimits) -> None:
+        self.limits = limits
+        self.perKey: dict[str, int] = {}
+        self.total = 0
+
+    def admit(self, fingerprint: str) -> str | None:
+        """
+        Count one more connection of C{fingerprint}, or say why not.
+        """
+        held = self.perKey.get(fingerprint, 0)
+        if held >= self.limits.maxPerKey:
+            return (
+                f"this key already has {held} control connections"
+                f" (at most {self.limits.maxPerKey} for a key that is not an"
+                " owner's)"
+            )
+        if self.total >= self.limits.maxConnections:
+            return (
+                f"{self.total} control connections of keys that are not"
+                f" owners' are open (at most {self.limits.maxConnections})"
+            )
+        self.perKey[fingerprint] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, fingerprint: str) -> None:
+        held = self.perKey.get(fingerprint, 0) - 1
+        if held > 0:
+            self.perKey[fingerprint] = held
+        else:
+            self.perKey.pop(fingerprint, None)
+        self.total = max(self.total - 1, 0)
+
+
 class ControlFactory(Factory):
     """
     Builds L{ControlServer}s.
@@ -503,13 +763,20 @@ class ControlFactory(Factory):
         decisions: Decisions,
         bus: ControlBus,
         provisioning: Provisioning | None = None,
+        limits: ControlLimits | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.decisions = decisions
         self.bus = bus
         self.provisioning = provisioning
+        self.limits = limits if limits is not None else ControlLimits()
+        self.clock = clock
+        self.connections = NonOwnerConnections(self.limits)
 
     def buildProtocol(self, addr: IAddress | None) -> ControlServer:
-        protocol = ControlServer(self.decisions, self.bus, self.provisioning)
+        protocol = ControlServer(
+            self.decisions, self.bus, self.provisioning, self.limits, self.clock
+        )
         protocol.factory = self
         return protocol
 
@@ -518,6 +785,8 @@ def controlFactory(
     decisions: Decisions,
     bus: ControlBus,
     provisioning: Provisioning | None = None,
+    limits: ControlLimits | None = None,
+    clock: IReactorTime | None = None,
 ) -> IProtocolFactory:
     """
     The factory of a service's control channel, to wrap with an
@@ -535,5 +804,6 @@ def controlFactory(
         key requests, and keys that are not owners' may use the provisioning
         commands (wrap with L{ControlPolicy} rather than L{OwnersOnlyPolicy}
         then).
+    @param limits: what one connection may make the service hold.
     """
-    return ControlFactory(decisions, bus, provisioning)
+    return ControlFactory(decisions, bus, provisioning, limits, clock)

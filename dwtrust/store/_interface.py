@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable
 
 from attrs import frozen
@@ -74,11 +75,43 @@ class KeyRecord:
     sentBy: str = ""
 
 
+#: The prefix lengths sources are grouped by: one site's addresses share an
+#: IPv4 /24, and one host (or customer) may hold a whole IPv6 /64.
+IPV4_PREFIX = 24
+IPV6_PREFIX = 64
+
+
 def sourceHost(source: str) -> str:
     """
+    The address prefix a source is grouped under, for the caps on what
+    strangers may make a service hold: an IPv4 address's /24
+    (C{"10.1.2.3:5678"} gives C{"10.1.2.0/24"}), an IPv6 address's /64
+    (C{"[2001:db8::1]:5678"} gives C{"2001:db8::/64"}; an IPv4-mapped one
+    counts as IPv4), whatever port each connection came from.  A source
+    that is not an IP address (a UNIX socket) is its own group.
+    """
+    return hostPrefix(_host(source))
+
+
+def hostPrefix(host: str) -> str:
+    """
+    The prefix an IP address is grouped under (see L{sourceHost}); C{host}
+    itself if it is no IP address.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    bits = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
+    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+
+
+def _host(source: str) -> str:
+    """
     The host part of a source address (C{"10.1.2.3:5678"} gives
-    C{"10.1.2.3"}, C{"[::1]:5678"} gives C{"::1"}): pending requests are
-    capped per host, whatever port each connection came from.
+    C{"10.1.2.3"}, C{"[::1]:5678"} gives C{"::1"}).
     """
     if source.startswith("["):
         host, bracket, _ = source[1:].partition("]")
