@@ -50,8 +50,8 @@ class ControlMessage:
     A message for a service's owners.
 
     @ivar kind: C{approval_requested}, C{identity_changed},
-        C{forged_decision}, C{rollback}, C{decided}, C{expired} or
-        C{revoked_sessions}.
+        C{forged_decision}, C{rollback}, C{decided}, C{expired},
+        C{revoked_sessions} or C{join_token_reused}.
     @ivar service: the C{org/service} of the service it comes from.
     @ivar fingerprint: the key it is about.
     @ivar org: the key's claimed organization.

@@ -7,6 +7,7 @@ application in any language is then a dwtrust client.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -67,18 +68,40 @@ class Mapping:
             )
         return cls(local, remote, remoteDescription(remote))
 
-    def check(self, reactor: Any) -> None:
+    def check(self, reactor: Any, public: bool = False) -> Mapping:
         """
-        Check that both sides are endpoint descriptions.
+        Check that both sides are endpoint descriptions, and keep the local
+        side on loopback: anyone who reaches it speaks to the remote as this
+        daemon.
 
-        @raise SidecarError: if one is not.
+        @param public: whether the local side may listen on an interface
+            other than loopback (C{--connect-public}).
+        @return: this mapping, with C{interface=127.0.0.1} (C{::1} for
+            C{tcp6}) added to a C{tcp}, C{tcp6} or C{ssl} local endpoint
+            that names no interface.
+        @raise SidecarError: if a side is not an endpoint description, or
+            the local side names an interface that is not loopback and
+            C{public} is false.
         """
         try:
-            serverFromString(reactor, self.local)
+            endpoint = serverFromString(reactor, self.local)
         except (ValueError, KeyError, TypeError) as e:
             raise SidecarError(
                 f"--connect: bad local endpoint {self.local!r}: {e}"
             ) from None
+        local = self.local
+        interface = getattr(endpoint, "_interface", None)
+        if isinstance(interface, str):
+            if interface in ("", "0.0.0.0", "::") and "interface=" not in local:
+                loopback = "::1" if local.startswith("tcp6:") else LOOPBACK
+                local += ":interface=" + loopback.replace(":", "\\:")
+            elif not public and not _isLoopback(interface):
+                raise SidecarError(
+                    f"--connect: the local endpoint {self.local!r} listens on"
+                    f" {interface or 'every interface'}, not loopback: anyone"
+                    " who reaches it would speak to the remote as this daemon;"
+                    " add --connect-public if that is meant"
+                )
         try:
             clientFromString(reactor, self.remoteDescription)
         except (ValueError, KeyError, TypeError) as e:
@@ -86,6 +109,22 @@ class Mapping:
                 f"--connect: bad remote {self.remote!r} (HOST:PORT, [V6]:PORT or"
                 f" a client endpoint description without '='): {e}"
             ) from None
+        return (
+            self
+            if local == self.local
+            else Mapping(local, self.remote, self.remoteDescription)
+        )
+
+
+#: Where a sidecar's local endpoint listens when it names no interface.
+LOOPBACK = "127.0.0.1"
+
+
+def _isLoopback(interface: str) -> bool:
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def remoteDescription(remote: str) -> str:

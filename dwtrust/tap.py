@@ -7,10 +7,12 @@ that relays local connections to remote dwtrust peers.
 from __future__ import annotations
 
 import os
+import stat as statModule
 import subprocess
 import sys
 import time
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -37,7 +39,7 @@ from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
 from ._policy import ApprovalPolicy, PinningPolicy
 from ._sidecar import Mapping, SidecarError, SidecarFactory
 from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
-from .approval import approverFromSpecs, checkApproverSpecs
+from .approval import approverFromSpecs, checkApproverSpecs, redactSpec
 from .approval._limits import (
     DEFAULT_MAX_APPROVER_CALLS,
     ApproverLimits,
@@ -67,7 +69,13 @@ from .control._server import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PER_KEY,
 )
-from .provisioning import JoinError, JoinToken, Provisioning
+from .provisioning import (
+    JoinError,
+    JoinToken,
+    Provisioning,
+    readJoinToken,
+    readSecretFile,
+)
 from .store import (
     DEFAULT_POOL_SIZE,
     AnyStore,
@@ -148,9 +156,31 @@ class Options(usage.Options):
             "join",
             None,
             None,
-            "Start as a new instance of a running one: a join token from"
-            " `dwtrust join-token`, or - to read it from standard input. Ignored"
-            " once IDENTITY holds the service's key.",
+            "Start as a new instance of a running one: - reads a join token"
+            " from `dwtrust join-token` on standard input (never give the token"
+            " itself: other local users can read a command line). Ignored once"
+            " IDENTITY holds the service's key.",
+        ],
+        [
+            "join-file",
+            None,
+            None,
+            "As --join, with the join token read from this file, which only"
+            " the daemon's user may read (chmod 600).",
+        ],
+        [
+            "webhook-auth-file",
+            None,
+            None,
+            "Send the value in this file (chmod 600; e.g. `Bearer TOKEN`) as"
+            " the Authorization header of every webhook approver's request,"
+            " instead of credentials in the URL.",
+        ],
+        [
+            "webhook-auth-env",
+            None,
+            None,
+            "As --webhook-auth-file, from the environment variable of this name.",
         ],
         [
             "store",
@@ -315,6 +345,12 @@ class Options(usage.Options):
             "Admit only the owners on the control endpoint: no join tokens,"
             " no key requests from service routers.",
         ],
+        [
+            "connect-public",
+            None,
+            "Let a --connect local endpoint listen on an interface other than"
+            " loopback: whoever reaches it speaks to REMOTE as this daemon.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -323,6 +359,10 @@ class Options(usage.Options):
         self["approvers"] = []
         self["connect"] = []
         self["forward"] = []
+        #: The join token and the webhook's Authorization value, once read
+        #: (see L{_localSecrets}); never options, which a log may show.
+        self.joinToken: str | None = None
+        self.webhookAuthorization: str | None = None
 
     def opt_forward(self, endpoint: str) -> None:
         """
@@ -362,7 +402,8 @@ class Options(usage.Options):
         LOCAL_ENDPOINT=REMOTE_HOST:PORT: listen on LOCAL_ENDPOINT and relay
         each connection to the dwtrust peer at REMOTE (split at the last
         '='; REMOTE may also be a client endpoint description without '=').
-        Repeatable.
+        A tcp LOCAL_ENDPOINT listens on 127.0.0.1 unless it names an
+        interface; a non-loopback one needs --connect-public. Repeatable.
         """
         try:
             self["connect"].append(Mapping.parse(mapping))
@@ -381,6 +422,7 @@ class Options(usage.Options):
             checkApproverSpecs(self["approvers"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        self._localSecrets()
         for name in [
             "max-pending",
             "max-pending-per-source",
@@ -410,6 +452,59 @@ class Options(usage.Options):
             self["control"] = "unix:" + quoteArgument(
                 os.path.join(self["identity"], CONTROL_SOCKET)
             )
+
+    def _localSecrets(self) -> None:
+        """
+        Take the join token and the webhook's credentials from where only
+        this user can read them (standard input, a 0600 file, the
+        environment), never from the command line; refuse before anything
+        is written or dialled.
+        """
+        joinFile = self["join-file"]
+        if joinFile is not None:
+            joinFile = os.path.expanduser(joinFile)
+            key = os.path.join(os.path.expanduser(self["identity"]), PRIVATE_KEY_FILE)
+            if not os.path.lexists(joinFile) and os.path.exists(key):
+                # Joined on an earlier start, and the spent token's file
+                # since removed: the token would be ignored anyway.
+                joinFile = None
+        try:
+            self.joinToken = readJoinToken(self["join"], joinFile, sys.stdin)
+        except JoinError as e:
+            raise usage.UsageError(str(e)) from None
+        authFile, authEnv = self["webhook-auth-file"], self["webhook-auth-env"]
+        if authFile is not None and authEnv is not None:
+            raise usage.UsageError(
+                "give --webhook-auth-file or --webhook-auth-env, not both"
+            )
+        if authFile is not None:
+            try:
+                self.webhookAuthorization = readSecretFile(
+                    os.path.expanduser(authFile), "--webhook-auth-file"
+                )
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+        elif authEnv is not None:
+            value = os.environ.get(authEnv, "").strip()
+            if not value:
+                raise usage.UsageError(
+                    f"--webhook-auth-env: the environment variable {authEnv} is"
+                    " not set, or empty"
+                )
+            self.webhookAuthorization = value
+        if self.webhookAuthorization is not None:
+            if not any(a.startswith("webhook:") for a in self["approvers"]):
+                raise usage.UsageError(
+                    "--webhook-auth-file and --webhook-auth-env need a"
+                    " --approver webhook:URL"
+                )
+            if not all(
+                c.isascii() and " " <= c < "\x7f" for c in self.webhookAuthorization
+            ):
+                raise usage.UsageError(
+                    "the webhook's Authorization value must be one line of"
+                    " printable ASCII"
+                )
 
 
 class _DaemonService(MultiService):
@@ -455,12 +550,13 @@ class _DaemonService(MultiService):
         )
         listen = self._options["listen"]
         mappings: list[Mapping] = self._options["connect"]
+        # Credentials in a webhook's URL stay out of every log.
+        approvers = " then ".join(redactSpec(a) for a in self._options["approvers"])
         doing = []
         if listen is not None:
             doing.append(
                 f"listening on {listen}, forwarding to"
-                f" {' and '.join(self._options['forward'])},"
-                f" approvers {' then '.join(self._options['approvers'])}"
+                f" {' and '.join(self._options['forward'])}, approvers {approvers}"
             )
         else:
             doing.append("not listening for dwtrust peers")
@@ -479,10 +575,20 @@ class _DaemonService(MultiService):
             listen=listen,
             forward=self._options["forward"] if listen is not None else None,
             connect=[{"local": m.local, "remote": m.remote} for m in mappings],
-            approvers=" then ".join(self._options["approvers"]),
+            approvers=approvers,
             owners=len(self._owners),
             control=self._options["control"],
         )
+        if any(
+            "@" in urlsplit(a.partition(":")[2]).netloc
+            for a in self._options["approvers"]
+        ):
+            log.warn(
+                "dwtrust: a webhook URL holds credentials, which every local"
+                " user can read in this process's command line; give them with"
+                " --webhook-auth-file instead",
+                event="dwtrust.daemon.credentials_in_argv",
+            )
         if (
             listen is not None
             and "owners" in self._options["approvers"]
@@ -576,18 +682,23 @@ def _makeService(options: Options) -> IService:
         forward = [
             (clientFromString(reactor, target), target) for target in options["forward"]
         ]
-        control = serverFromString(reactor, options["control"])
+        control = serverFromString(reactor, _privateSocket(options["control"]))
     except (ValueError, KeyError, TypeError) as e:
         raise usage.UsageError(f"bad endpoint description: {e}") from None
     try:
-        for mapping in mappings:
-            mapping.check(reactor)
+        # A local endpoint that names no interface listens on loopback only.
+        mappings = [m.check(reactor, options["connect-public"]) for m in mappings]
     except SidecarError as e:
         raise usage.UsageError(str(e)) from None
+    options["connect"] = mappings
+    # Whatever the daemon creates from now on (its store and the store's
+    # -wal and -shm files, the newest-decisions file, its logs) is its
+    # user's alone.
+    os.umask(0o077)
     audit = _AuditLog(options["audit-log"]) if options["audit-log"] else None
     directory = FilePath(options["identity"])
-    if options["join"] is not None:
-        _join(options["join"], directory, options["store"])
+    if options.joinToken is not None:
+        _join(options.joinToken, directory, options["store"])
     # Names given are checked against an existing identity; the defaults only
     # name a new one.
     fresh = not directory.child(PRIVATE_KEY_FILE).exists()
@@ -608,6 +719,7 @@ def _makeService(options: Options) -> IService:
             fingerprint=identity.fingerprint,
             directory=directory.path,
         )
+    _makePrivate(directory, options["store"])
     try:
         store, registrations = openStoreAtStartup(
             options["store"] or directory.child(STORE_FILE).path,
@@ -645,6 +757,7 @@ def _makeService(options: Options) -> IService:
                 options["request-ttl"],
             ),
             known,
+            webhookAuthorization=options.webhookAuthorization,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
@@ -749,13 +862,84 @@ def _limitsOf(options: Options) -> limits.Limits:
     )
 
 
-def _join(text: str, directory: FilePath[str], store: str | None) -> None:
+def _privateSocket(description: str) -> str:
+    """
+    A C{unix:} endpoint description with C{mode=600} unless it gives a mode:
+    Twisted makes a socket 0666 by default, and the control socket is for
+    this user alone.
+    """
+    if description.startswith("unix:") and ":mode=" not in description:
+        return description + ":mode=600"
+    return description
+
+
+def _makePrivate(directory: FilePath[str], store: str | None) -> None:
+    """
+    Make the identity directory C{0700} and the files in it, and a SQLite
+    store elsewhere with its C{-wal} and C{-shm} files, C{0600}: no other
+    local user may read the trust store or the newest decisions, or reach
+    the control socket.  The daemon owns these files, so it narrows a wider
+    mode itself (and says so) rather than refusing to start; the private key
+    is the exception, refused by L{Identity.load} if others may read it,
+    since a key others could read must be replaced, not hidden.
+
+    @raise usage.UsageError: if the directory belongs to another user, or a
+        mode cannot be set.
+    """
+    paths = [directory.path]
+    if directory.isdir():
+        paths += [c.path for c in directory.children()]
+    if store is not None and "://" not in store:
+        paths += [store, store + "-wal", store + "-shm", store + "-journal"]
+    for path in paths:
+        try:
+            # The directory may be a symbolic link to one; nothing else is
+            # followed.
+            facts = os.stat(path) if path == directory.path else os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise usage.UsageError(f"cannot check {path}: {e.strerror}") from None
+        if statModule.S_ISDIR(facts.st_mode) and path == directory.path:
+            wanted = 0o700
+            if facts.st_uid != os.geteuid():
+                raise usage.UsageError(
+                    f"the identity directory {path} belongs to another user"
+                    f" (uid {facts.st_uid}); run as that user or use another"
+                    " --identity"
+                )
+        elif statModule.S_ISREG(facts.st_mode):
+            wanted = 0o600
+        else:
+            # A subdirectory (a router's services) is not the daemon's to
+            # change; a socket is replaced at start with mode 0600.
+            continue
+        mode = statModule.S_IMODE(facts.st_mode)
+        if not mode & 0o077:
+            continue
+        try:
+            os.chmod(path, (mode & wanted) or wanted)
+        except OSError as e:
+            raise usage.UsageError(
+                f"{path} has mode {mode:04o} and cannot be made private"
+                f" (chmod {wanted:o}): {e.strerror}"
+            ) from None
+        log.warn(
+            "dwtrust: {path} had mode {old}, readable by other local users;"
+            " it is now {new}",
+            event="dwtrust.identity.permissions_fixed",
+            path=path,
+            old=f"{mode:04o}",
+            new=f"{statModule.S_IMODE(os.stat(path).st_mode):04o}",
+        )
+
+
+def _join(token: str, directory: FilePath[str], store: str | None) -> None:
     """
     Make C{directory} an instance of the service a join token names, with
     C{dwtrust clone}, before the reactor runs; or nothing, if it already
     holds that service's key (a restart with the same command line).
     """
-    token = sys.stdin.read() if text == "-" else text
     try:
         parsed = JoinToken.parse(token)
     except JoinError as e:

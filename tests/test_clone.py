@@ -2,7 +2,7 @@
 End to end, with real processes: new instances started from a running one
 (seed S6).  An owner takes a join token from a running C{twistd dwtrust}
 (C{dwtrust join-token}); a new instance redeems it (C{dwtrust clone}, or
-C{twistd dwtrust --join}) over the running instance's control endpoint on
+C{twistd dwtrust --join-file}) over the running instance's control endpoint on
 TCP loopback, and then serves as the same service, accepting the peers the
 owners approved on the original.  A token works once; a used, lapsed,
 forged or damaged token is refused, and nothing is written.
@@ -314,19 +314,21 @@ def test_onlyOwnersTakeTokens(site: Site, echo: EchoServer) -> None:
 
 def test_twistdJoin(site: Site, echo: EchoServer) -> None:
     """
-    C{twistd dwtrust --join TOKEN} starts a new instance from the token and
-    serves; started again with the same command line, it does not spend the
-    token again, but runs on the key it has.
+    C{twistd dwtrust --join-file FILE} starts a new instance from the token
+    and serves; started again with the same command line, it does not spend
+    the token again, but runs on the key it has.
     """
     newDir = site.path("joined")
     with site.daemon(echo) as original:
         site.approve("billing", original)
-        token = site.joinToken()
+        tokenFile = site.base / "token"
+        tokenFile.write_text(site.joinToken() + "\n")
+        tokenFile.chmod(0o600)
         options = (
             "--identity",
             str(newDir),
-            "--join",
-            token,
+            "--join-file",
+            str(tokenFile),
             "--forward",
             echo.forward,
             "--control",
@@ -347,7 +349,7 @@ def test_twistdJoin(site: Site, echo: EchoServer) -> None:
 
 def test_twistdJoinRefused(site: Site, echo: EchoServer) -> None:
     """
-    C{twistd dwtrust --join} with a forged token exits with a one-line error
+    C{twistd dwtrust --join-file} with a forged token exits with a one-line error
     and writes nothing.
     """
     with site.daemon(echo):
@@ -355,6 +357,9 @@ def test_twistdJoinRefused(site: Site, echo: EchoServer) -> None:
         forged = JoinToken(
             real.endpoint, real.fingerprint, os.urandom(32), real.expires
         )
+        forgedFile = site.base / "forged"
+        forgedFile.write_text(forged.encode())
+        forgedFile.chmod(0o600)
         done = run_twistd(
             "-n",
             "--logfile",
@@ -362,8 +367,8 @@ def test_twistdJoinRefused(site: Site, echo: EchoServer) -> None:
             "dwtrust",
             "--identity",
             str(site.path("nope")),
-            "--join",
-            forged.encode(),
+            "--join-file",
+            str(forgedFile),
             cwd=site.base,
         )
     assert done.returncode == 1, describe(done)

@@ -778,7 +778,7 @@ class EndpointStringTests(TestCase):
         await DeferredList([app.lost, events[1]], fireOnOneErrback=True)
         await maybeDeferred(port.stopListening)
 
-        deadline = reactor.seconds() + 1
+        deadline = reactor.seconds() + 10
         while storeThreads() - before and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
         leaked = storeThreads() - before

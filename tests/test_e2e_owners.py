@@ -474,7 +474,7 @@ def test_revokeClosesSession(site: Site, echo: EchoServer) -> None:
             wait_for(
                 session.poll,
                 "the revoked session to end",
-                deadline=3.0,
+                deadline=DEADLINE,
                 why=lambda: daemon.report(),
             )
         finally:

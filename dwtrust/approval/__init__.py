@@ -16,6 +16,7 @@ from ._builtin import (
     approverFromSpec,
     approverFromSpecs,
     checkApproverSpecs,
+    redactSpec,
 )
 from ._chain import ChainApprover
 from ._interface import ApprovalRequest, Decision, IApprover
@@ -52,4 +53,5 @@ __all__ = [
     "approverFromSpec",
     "approverFromSpecs",
     "checkApproverSpecs",
+    "redactSpec",
 ]

@@ -20,7 +20,7 @@ from ._limits import (
     LimitedApprover,
 )
 from ._python import PythonApprover, resolveCallback
-from ._webhook import WebhookApprover, checkWebhookURL
+from ._webhook import WebhookApprover, checkWebhookURL, maskURL
 
 
 @implementer(IApprover)
@@ -105,9 +105,23 @@ APPROVER_SPECS = (
 )
 
 
+def redactSpec(spec: str) -> str:
+    """
+    An approver spec fit to log: a URL in it (C{webhook:URL}, or a spec
+    that looks like one) has its credentials masked (see L{maskURL}).
+    """
+    kind, colon, argument = spec.partition(":")
+    if "://" in argument:
+        return kind + colon + maskURL(argument)
+    if "://" in spec:
+        return maskURL(spec)
+    return spec
+
+
 def _unknown(spec: str) -> ValueError:
     return ValueError(
-        f"unknown approver {spec!r}; choose one of {', '.join(APPROVER_SPECS)}"
+        f"unknown approver {redactSpec(spec)!r}; choose one of"
+        f" {', '.join(APPROVER_SPECS)}"
     )
 
 
@@ -141,7 +155,11 @@ def checkApproverSpecs(specs: Sequence[str], owners: bool = True) -> None:
             raise _unknown(spec)
 
 
-def approverFromSpec(spec: str, owners: IApprover | None = None) -> IApprover:
+def approverFromSpec(
+    spec: str,
+    owners: IApprover | None = None,
+    webhookAuthorization: str | None = None,
+) -> IApprover:
     """
     The approver that one spec names:
 
@@ -153,12 +171,14 @@ def approverFromSpec(spec: str, owners: IApprover | None = None) -> IApprover:
       - C{python:package.module.callable}: a L{PythonApprover}.
 
     @param owners: the owners' approver, where there is one.
+    @param webhookAuthorization: the C{Authorization} header a webhook
+        sends, if its credentials are not in its URL.
     @raise ValueError: for an unknown spec, a bad URL or callback, or
         C{owners} when C{owners} is L{None}.
     """
     kind, _, argument = spec.partition(":")
     if kind == "webhook" and argument:
-        return WebhookApprover(argument)
+        return WebhookApprover(argument, authorization=webhookAuthorization)
     if kind == "python" and argument:
         return PythonApprover(argument)
     if spec == "owners":
@@ -176,6 +196,7 @@ def approverFromSpecs(
     owners: IApprover | None = None,
     limits: ApproverLimits | None = None,
     known: KnownSources | None = None,
+    webhookAuthorization: str | None = None,
 ) -> IApprover:
     """
     The approver that specs name (see L{approverFromSpec}).  Several are
@@ -193,7 +214,7 @@ def approverFromSpecs(
         raise TypeError("approverFromSpecs takes a sequence of specs, not a str")
     if not specs:
         raise ValueError("no approver given")
-    approvers = [approverFromSpec(spec, owners) for spec in specs]
+    approvers = [approverFromSpec(spec, owners, webhookAuthorization) for spec in specs]
     if limits is not None:
         calls = ApproverCalls(limits.maxCalls)
         approvers = [

@@ -49,6 +49,25 @@ def redactURL(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+def maskURL(url: str) -> str:
+    """
+    C{url} with every secret it may hold masked, fit to log while still
+    showing its shape: the password in its user information and the value
+    of every query parameter become C{***}, and the fragment goes:
+    C{https://bot:***@host/path?token=***}.
+    """
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        hostport = f"{user}{':***' if colon else ''}@{hostport}"
+    query = "&".join(
+        name + ("=***" if eq else "")
+        for name, eq, _ in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit((parts.scheme, hostport, parts.path, query, ""))
+
+
 def checkWebhookURL(url: str) -> str:
     """
     Check that C{url} can be a webhook's.
@@ -238,9 +257,13 @@ class WebhookApprover:
         agent: IAgent | None = None,
         reactor: IReactorTime | None = None,
         timeout: float = DEFAULT_WEBHOOK_TIMEOUT,
+        authorization: str | None = None,
     ) -> None:
         """
         @param url: an C{http} or C{https} URL.
+        @param authorization: the value of an C{Authorization} header to send
+            (C{Bearer TOKEN}, say), read from a file or the environment
+            rather than held in C{url}; never logged.
         @param agent: the HTTP client; by default an L{Agent} on C{reactor}
             that checks https certificates and keeps no connection open.
         @param reactor: the reactor for the agent (which needs TCP, and TLS
@@ -280,7 +303,14 @@ class WebhookApprover:
             b"Accept": [b"application/json"],
             b"User-Agent": [b"dwtrust"],
         }
-        if userinfo:
+        if authorization is not None:
+            if userinfo:
+                raise ValueError(
+                    f"the webhook URL {maskURL(url)} holds credentials, and"
+                    " others are given apart from it: give one or the other"
+                )
+            self._headers[b"Authorization"] = [authorization.encode("ascii")]
+        elif userinfo:
             user, _, password = userinfo.partition(":")
             credentials = f"{unquote(user)}:{unquote(password)}".encode()
             self._headers[b"Authorization"] = [

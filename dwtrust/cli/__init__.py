@@ -21,7 +21,7 @@ An owner's commands, over a service's control endpoint:
 
 Provisioning (see L{dwtrust.provisioning}):
 
-    dwtrust clone --join TOKEN --identity NEW_DIR [--store PATH]
+    dwtrust clone (--join - | --join-file PATH) --identity NEW_DIR [--store PATH]
     dwtrust request-key --identity ROUTER_DIR [--into DIR] HOST:PORT
 """
 

@@ -194,10 +194,11 @@ class JoinTokenOptions(_ControlOptions):
     synopsis = "--control ENDPOINT --identity OWNER_DIR [--ttl 10m] [--via ENDPOINT]"
     longdesc = (
         "Take a one-time join token from a running instance, as one of its"
-        " owners. A new instance started with it (twistd dwtrust --join TOKEN,"
-        " or dwtrust clone --join TOKEN) receives the service's key, owners and"
-        " decisions from that instance. The token alone goes to standard"
-        " output; keep it secret, it is a key to the key."
+        " owners. A new instance started with it (twistd dwtrust --join-file"
+        " FILE, or dwtrust clone --join - < FILE) receives the service's key,"
+        " owners and decisions from that instance. The token alone goes to"
+        " standard output; keep it secret, in a file only you can read (umask"
+        " 077), never on a command line: it is a key to the key."
     )
     optParameters = [
         *_ControlOptions.optParameters,
@@ -739,7 +740,8 @@ async def _joinToken(
             f" ({token.fingerprint}), for one new instance, until"
             f" {isoTime(token.expires)}; it dials {token.endpoint}"
         )
-        + "\ndwtrust: start the instance with: twistd -n dwtrust --identity NEW_DIR"
-        " --join TOKEN  (or: dwtrust clone --identity NEW_DIR --join TOKEN)\n"
+        + "\ndwtrust: save it to a file only you can read (umask 077), then start"
+        " the instance with: twistd -n dwtrust --identity NEW_DIR --join-file"
+        " FILE  (or: dwtrust clone --identity NEW_DIR --join - < FILE)\n"
     )
     return OK

@@ -17,9 +17,11 @@ from .._identity import SHORT_NAMES, Identity, PeerIdentity
 from .._wrap import DEFAULT_TIMEOUT, STORE_FILE
 from ..provisioning import (
     INSTANTIATED_BY,
+    JoinError,
     JoinToken,
     clone,
     instantiate,
+    readJoinToken,
     requestKey,
     servicePin,
 )
@@ -79,7 +81,10 @@ class InstantiateOptions(_IdentityOptions):
 
 
 class CloneOptions(_IdentityOptions):
-    synopsis = "--join TOKEN --identity NEW_DIR [--store PATH] [--instance NAME]"
+    synopsis = (
+        "(--join - | --join-file PATH) --identity NEW_DIR [--store PATH]"
+        " [--instance NAME]"
+    )
     longdesc = (
         "Become a new instance of a service: dial the running instance a join"
         " token names, redeem the token, and receive the service's key (0600),"
@@ -88,7 +93,19 @@ class CloneOptions(_IdentityOptions):
     )
     optParameters = [
         *_IdentityOptions.optParameters,
-        ["join", "j", None, "The join token, or - to read it from standard input."],
+        [
+            "join",
+            "j",
+            None,
+            "- to read the join token from standard input (never the token"
+            " itself: other local users can read a command line).",
+        ],
+        [
+            "join-file",
+            None,
+            None,
+            "Read the join token from this file, which only you may read (chmod 600).",
+        ],
         [
             "store",
             None,
@@ -103,8 +120,15 @@ class CloneOptions(_IdentityOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        if not self["join"]:
-            raise usage.UsageError("--join is required")
+        if self["join"] is None and self["join-file"] is None:
+            raise usage.UsageError("give --join - or --join-file PATH")
+        # Refused before anything is read, dialled or written.
+        try:
+            token = readJoinToken(self["join"], self["join-file"], sys.stdin)
+        except JoinError as e:
+            raise usage.UsageError(str(e)) from None
+        assert token is not None
+        self.token = token
         if self["store"]:
             self["store"] = os.path.expanduser(self["store"])
 
@@ -131,8 +155,7 @@ class RequestKeyOptions(_AddressOptions):
 
 
 async def _clone(reactor: Any, options: CloneOptions, out: TextIO) -> int:
-    text = sys.stdin.read() if options["join"] == "-" else options["join"]
-    token = JoinToken.parse(text)
+    token = JoinToken.parse(options.token)
     store = FilePath(options["store"]) if options["store"] else None
     identity = await clone(
         reactor,

@@ -5,7 +5,7 @@ from the service and its owners, never from a file passed around by hand.
 - New instances from a running one (seed S6): an owner takes a one-time,
   expiring join token from a running instance (L{issueJoinToken}, or
   C{dwtrust join-token}); the new instance redeems it over a dwtrust channel
-  (L{clone}, C{dwtrust clone --join TOKEN} or C{twistd dwtrust --join TOKEN})
+  (L{clone}, C{dwtrust clone --join -} or C{twistd dwtrust --join-file PATH})
   and receives the service's key, owners and signed decisions.
 - Service routers (seed S7): a router asks for the service's key
   (L{requestKey}, C{dwtrust request-key}); the owners are asked, and only
@@ -26,8 +26,12 @@ from ._tokens import (
     MAX_TOKEN_TTL,
     JoinError,
     JoinRefused,
+    JoinReused,
     JoinToken,
     JoinTokens,
+    argvTokenRefusal,
+    readJoinToken,
+    readSecretFile,
 )
 
 __all__ = [
@@ -37,15 +41,19 @@ __all__ = [
     "SERVICE_PIN_PREFIX",
     "JoinError",
     "JoinRefused",
+    "JoinReused",
     "JoinToken",
     "JoinTokens",
     "KeyRequestRefused",
     "KeyRequests",
     "Provisioning",
+    "argvTokenRefusal",
     "clone",
     "defaultInstanceName",
     "instantiate",
     "issueJoinToken",
+    "readJoinToken",
+    "readSecretFile",
     "requestKey",
     "servicePin",
 ]

@@ -53,7 +53,7 @@ from ._commands import (
     RequestKey,
     ServiceRecords,
 )
-from ._tokens import JoinRefused, JoinTokens
+from ._tokens import JoinRefused, JoinReused, JoinTokens
 
 #: How far before a key request a release decision may have been signed
 #: (clock skew between the owner and the service).
@@ -490,6 +490,8 @@ class ProvisioningLocator(amp.CommandLocator):
                 token_id=_escaped(tokenId[:8]),
                 reason=str(e),
             )
+            if isinstance(e, JoinReused):
+                self._reused(tokenId, e.usedBy)
             return fail(JoinRefused(str(e)))
         self.log.info(
             "dwtrust: instance {instance} at {source} joined {service} with a"
@@ -503,6 +505,37 @@ class ProvisioningLocator(amp.CommandLocator):
             issued_by=issuedBy,
         )
         return self._answer(self._handOver())
+
+    def _reused(self, tokenId: str, usedBy: str) -> None:
+        """
+        Tell the owners that a used join token came back: one of the two
+        that presented it was not meant to have it.
+        """
+        reason = (
+            f"join token {tokenId[:8]} was presented again by {self.peer.fingerprint}"
+            f" at {self.source} after {usedBy} redeemed it: the token may have"
+            " leaked; check that the instance holding the service's key is"
+            " yours"
+        )
+        self.log.warn(
+            "dwtrust: a used join token came back from {fingerprint} at"
+            " {source}: {reason}",
+            event="dwtrust.join.reused",
+            fingerprint=self.peer.fingerprint,
+            source=self.source,
+            token_id=tokenId[:8],
+            used_by=usedBy,
+            reason=reason,
+        )
+        self.provisioning.bus.publish(
+            ControlMessage.about(
+                "join_token_reused",
+                self.provisioning.identity.name,
+                self.peer,
+                source=self.source,
+                reason=reason,
+            )
+        )
 
     async def _handOver(self) -> dict[str, Any]:
         """

@@ -21,8 +21,10 @@ import base64
 import binascii
 import math
 import os
+import stat
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from attrs import field, frozen
 from cryptography.hazmat.primitives import constant_time, hashes, hmac
@@ -61,6 +63,100 @@ class JoinRefused(JoinError):
     """
     The running instance refused a join token (forged, used, lapsed).
     """
+
+
+class JoinReused(JoinRefused):
+    """
+    A join token that was already used came back: it may have leaked.
+
+    @ivar usedBy: the fingerprint of the instance that redeemed it first.
+    """
+
+    def __init__(self, usedBy: str) -> None:
+        super().__init__("this join token was already used")
+        self.usedBy = usedBy
+
+
+def argvTokenRefusal(option: str) -> str:
+    """
+    The one-line refusal of a join token given on the command line, which
+    every local user can read (C{/proc/PID/cmdline}, C{ps}); it never
+    repeats the token.
+    """
+    return (
+        f"{option} takes - (read the token from standard input), or use"
+        " --join-file PATH (a file only you can read, chmod 600): a token on"
+        " the command line can be read by every local user; take a new token"
+        " with `dwtrust join-token`, this one may have been seen"
+    )
+
+
+def readJoinToken(join: str | None, joinFile: str | None, stdin: TextIO) -> str | None:
+    """
+    The join token text, from standard input (C{join} is C{-}) or from
+    C{joinFile}, which only its owner may read; L{None} if neither is given.
+
+    @raise JoinError: for a token given on the command line, both sources,
+        or a file that cannot be read or that group or others can read; the
+        message is one line and never holds the token.
+    """
+    if join is not None and join != "-":
+        raise JoinError(argvTokenRefusal("--join"))
+    if join is not None and joinFile is not None:
+        raise JoinError("give --join - or --join-file PATH, not both")
+    if join == "-":
+        return stdin.read()
+    if joinFile is None:
+        return None
+    try:
+        return readSecretFile(joinFile, "--join-file")
+    except ValueError as e:
+        raise JoinError(str(e)) from None
+
+
+def readSecretFile(path: str, option: str) -> str:
+    """
+    The text of a secret file that only its owner can read (mode 0600 or
+    narrower), stripped of surrounding white space.  The mode is checked on
+    the file opened, not on its name, and a symbolic link is not followed.
+
+    @raise ValueError: if it cannot be read, is not a regular file, is empty,
+        or group or others may read or write it, with a message that says how
+        to fix it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"{option}: cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        facts = os.fstat(f.fileno())
+        if not stat.S_ISREG(facts.st_mode):
+            raise ValueError(f"{option}: {path} is not a regular file")
+        mode = stat.S_IMODE(facts.st_mode)
+        if mode & 0o077:
+            raise ValueError(
+                f"{option}: {path} has mode {mode:04o}, so others can read it;"
+                f" make it yours alone with chmod 600 {path}"
+                + (
+                    " and take a new token: this one may have been read"
+                    if option == "--join-file"
+                    else ""
+                )
+            )
+        if facts.st_uid != os.geteuid():
+            raise ValueError(
+                f"{option}: {path} belongs to another user (uid {facts.st_uid})"
+            )
+        text = f.read(64 * 1024 + 1)
+    if len(text) > 64 * 1024:
+        raise ValueError(f"{option}: {path} is too large for a secret")
+    try:
+        content = text.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{option}: {path} is not ASCII text") from None
+    if not content:
+        raise ValueError(f"{option}: {path} is empty")
+    return content
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -220,8 +316,9 @@ class JoinTokens:
         Use a token, once.
 
         @return: the fingerprint of the owner who issued it.
-        @raise JoinRefused: if no such token was issued here, it was used, it
-            lapsed, or the proof is wrong.
+        @raise JoinRefused: if no such token was issued here, it lapsed, or
+            the proof is wrong.
+        @raise JoinReused: if it was used already (it may have leaked).
         """
         self._forget()
         issued = self._tokens.get(tokenId)
@@ -235,7 +332,7 @@ class JoinTokens:
                 f"this join token was burnt after {MAX_WRONG_PROOFS} wrong proofs"
             )
         if issued.usedBy:
-            raise JoinRefused("this join token was already used")
+            raise JoinReused(issued.usedBy)
         if self._now() >= issued.expires:
             when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(issued.expires))
             raise JoinRefused(f"this join token expired at {when}")
