@@ -386,6 +386,87 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.server.store.peers, {})
         self.assertEqual(self.server.fakeApprover.requests, [])
 
+    def keyHoldingRelay(
+        self,
+        towardClient: Identity,
+        towardServer: Identity,
+        rewriteForClient: Callable[[Relay, Frame], Frame] | None = None,
+    ) -> Relay:
+        """
+        A relay whose TLS sessions present C{towardClient}'s certificate to
+        the client and C{towardServer}'s to the server, so that the
+        certificate-key check passes on both sides: only the exporter value
+        in the signed payload tells the two sessions apart.
+        """
+        relay = Relay(towardClient, rewriteForClient=rewriteForClient)
+        relay.towardServer = ScriptedPeer(towardServer, onFrame=relay._fromServer)
+        return relay
+
+    def test_relayToClientWithTheServersKey(self) -> None:
+        """
+        A relay presenting the server's own key to the client passes the
+        server's proof on unchanged: the proof's key is the certificate's,
+        its names, role and the client's challenge are right, but it signs
+        the exporter value of the other TLS session, so the client refuses
+        it with C{bad_signature}: no application is connected, nothing is
+        pinned or stored, and no one is asked.
+        """
+        relay = self.keyHoldingRelay(
+            self.server.identity, makeIdentity("evil", "relay")
+        )
+        toServer, toClient = self.relayThrough(relay)
+        failure = self.failureResultOf(
+            toClient.clientHandshake.whenConnected(), HandshakeFailed
+        )
+        self.assertIs(failure.value.code, ErrorCode.bad_signature)
+        self.assertFalse(failure.value.byPeer)
+        self.assertEqual(toClient.clientApp.connected, [])
+        self.assertEqual(toServer.serverApp.connected, [])
+        self.assertEqual(self.client.store.pins, {})
+        self.assertEqual(self.server.store.peers, {})
+        self.assertEqual(self.server.fakeApprover.requests, [])
+
+    def test_relayToServerWithTheClientsKey(self) -> None:
+        """
+        A relay that the client trusts, and that presents the client's own
+        key to the server, passes the client's proof on unchanged, over the
+        server's challenge: key, names, role and challenge are right, but the
+        proof signs the exporter value of the client's session with the
+        relay, so the server refuses it with C{bad_signature}, connects
+        nothing, stores nothing and asks no one.
+        """
+
+        def ownProof(relay: Relay, frame: Frame) -> Frame:
+            if isinstance(frame, Challenge):
+                assert relay.helloFromClient is not None
+                proof = makeProof(
+                    relay.identity,
+                    Role.server,
+                    relay.helloFromClient.challenge,
+                    relay.towardClient.exporter,
+                )
+                return Challenge(frame.challenge, proof)
+            return frame
+
+        relay = self.keyHoldingRelay(
+            makeIdentity("evil", "relay"),
+            self.client.identity,
+            rewriteForClient=ownProof,
+        )
+        toServer, _ = self.relayThrough(relay, address="relay.example:8443")
+        self.assertTrue(
+            any(isinstance(f, ProofFrame) for f in relay.towardClient.frames)
+        )
+        self.assertEqual(relay.towardServer.errorCodes, [ErrorCode.bad_signature.value])
+        failure = self.failureResultOf(
+            toServer.serverHandshake.whenConnected(), HandshakeFailed
+        )
+        self.assertIs(failure.value.code, ErrorCode.bad_signature)
+        self.assertEqual(toServer.serverApp.connected, [])
+        self.assertEqual(toServer.serverApp.received, b"")
+        self.assertEqual(self.server.store.peers, {})
+        self.assertEqual(self.server.fakeApprover.requests, [])
+
 
 class KeySubstitutionTests(AttackCase):
     """
@@ -649,6 +730,40 @@ def hostileBytes(draw: st.DrawFn) -> tuple[bytes, ErrorCode | None]:
     hello = encodeFrame(Hello(b"h" * 32))
     cut = draw(st.integers(1, len(hello) - 1))
     return hello[:cut], None
+
+
+class PinnedAddressTests(SynchronousTestCase):
+    """
+    A client that has pinned a server for the address it dials refuses any
+    other key there, even under another name, whose own C{org/service}
+    nothing is pinned for: only the address's pin can refuse it.
+    """
+
+    def test_anotherServiceAtAPinnedAddress(self) -> None:
+        """
+        C{acme/ledger} is pinned for the address; then C{evil/ledger}, with
+        its own key, answers there: the client refuses it with
+        C{identity_changed}, sends no proof, connects nothing and keeps its
+        pins as they were.
+        """
+        clock = Clock()
+        client = makeService(clock, makeIdentity("acme", "billing"))
+        server = makeService(clock, makeIdentity("acme", "ledger"))
+        first = connect(clock, server, client)
+        self.assertEqual(len(first.clientApp.connected), 1)
+        pins = dict(client.store.pins)
+        self.assertEqual(len(pins), 1)
+        impostor = makeService(clock, makeIdentity("evil", "ledger"))
+        connection = connect(clock, impostor, client)
+        failure = self.failureResultOf(
+            connection.clientHandshake.whenConnected(), HandshakeFailed
+        )
+        self.assertIs(failure.value.code, ErrorCode.identity_changed)
+        self.assertFalse(failure.value.byPeer)
+        self.assertEqual(connection.clientApp.connected, [])
+        self.assertEqual(connection.serverApp.connected, [])
+        self.assertEqual(impostor.fakeApprover.requests, [])
+        self.assertEqual(client.store.pins, pins)
 
 
 class MalformedFrameTests(AttackCase):

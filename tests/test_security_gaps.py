@@ -2,18 +2,24 @@
 Rows of the attack table in C{docs/security.rst} that C{tests/test_attacks.py}
 does not show in full: that each refusal is logged, as a structured event
 with its code, and stores nothing; a pending flood against a real owners'
-approver, in memory; re-entry of a revoked key; and a key change.
+approver, in memory and over the SQLite store; re-entry of a revoked key;
+and a key change.
 """
 
 from __future__ import annotations
 
 import gc
 
-from twisted.internet.defer import CancelledError
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dwtrust import ErrorCode, PeerIdentity
+from dwtrust import ApprovalPolicy, ErrorCode, Identity, PeerIdentity
+from dwtrust._machine import Refusal
 from dwtrust._proof import makeProof
 from dwtrust._wire import (
     MAX_BODY,
@@ -27,10 +33,10 @@ from dwtrust._wire import (
     encodeFrame,
 )
 from dwtrust._wrap import DEFAULT_TIMEOUT
-from dwtrust.approval import OwnersApprover
+from dwtrust.approval import ApprovalRequest, OwnersApprover
 from dwtrust.control import ControlBus
-from dwtrust.store import KeyState
-from dwtrust.testing import MemoryTrustStore, recordDecision
+from dwtrust.store import KeyState, SQLiteStore
+from dwtrust.testing import FakeApprover, MemoryTrustStore, recordDecision
 
 from .helpers import (
     ScriptedClientConnection,
@@ -41,6 +47,7 @@ from .helpers import (
     makeService,
     sendHello,
     snapshot,
+    temporaryDirectory,
 )
 from .test_attacks import HEADER, AttackCase, signedBy
 
@@ -83,7 +90,9 @@ class LoggedRefusalTests(AttackCase):
             if isinstance(frame, Challenge):
                 peer.sendRaw(recorded)
 
-        connection = self.attack(self.attackerIdentity, onFrame=onFrame)
+        # On a connection whose certificate has the proof's own key, so that
+        # only the challenge and exporter it signs can refuse it.
+        connection = self.attack(self.legitimate, onFrame=onFrame)
         self.assertRefused(connection, ErrorCode.bad_signature)
         [event] = self.refusals()[seen:]
         self.assertEqual(event["code"], ErrorCode.bad_signature.value)
@@ -319,6 +328,98 @@ class PendingFloodTests(AttackCase):
         del connections, turnedAway, held
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(CancelledError), [])
+
+
+class SQLitePendingFloodTests(TestCase):
+    """
+    The same flood against the owners' approver over the real SQLite store
+    (not the in-memory one the tests above use): the store's own
+    per-source cap keeps C{maxPendingPerSource} requests, refuses the rest
+    with C{unavailable} and stores nothing for them, while a request from
+    another host is still kept.
+    """
+
+    limit = 2
+    flood = 6
+
+    async def floodTheStore(self) -> None:
+        clock = Clock()
+        path = temporaryDirectory(self).child("trust.sqlite3")
+        store = await SQLiteStore.open(path, clock.seconds)
+        self.addCleanup(store.close)
+        # The per-source cap is the store's alone: the approver's total is
+        # left wide open.
+        approver = OwnersApprover(
+            store,
+            ControlBus(),
+            maxPending=1000,
+            maxPendingPerSource=self.limit,
+            now=clock.seconds,
+        )
+        waiting = []
+        refused = []
+        for n in range(self.flood + 1):
+            source = SOURCE if n < self.flood else "10.9.9.9:1"
+            identity = makeIdentity("evil", f"flood{n}", slot=f"flood{n}")
+            peer = PeerIdentity("evil", f"flood{n}", identity.publicKey)
+            asked = approver.requestApproval(
+                ApprovalRequest(peer, source, "acme/ledger")
+            )
+            outcome: list[object] = []
+            asked.addBoth(outcome.append)
+            # Until the store's thread answers: a refusal, or a kept request.
+            while not outcome and await store.lookup(peer.fingerprint) is None:
+                await deferLater(reactor, 0.01, lambda: None)
+            if outcome:
+                refused.append(outcome[0])
+            else:
+                waiting.append(asked)
+        self.assertEqual(len(waiting), self.limit + 1)
+        self.assertEqual(len(refused), self.flood - self.limit)
+        for failure in refused:
+            assert isinstance(failure, Failure)
+            self.assertIsInstance(failure.value, Refusal)
+            self.assertIs(failure.value.code, ErrorCode.unavailable)
+        pending = await store.pending()
+        self.assertEqual(len(pending), self.limit + 1)
+        self.assertEqual(
+            sorted(r.service for r in pending),
+            sorted([f"flood{n}" for n in range(self.limit)] + [f"flood{self.flood}"]),
+        )
+        for asked in waiting:
+            asked.cancel()
+            asked.addErrback(lambda f: f.trap(CancelledError))
+
+    def test_flood(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.floodTheStore())
+
+
+class DecisionForAnotherServiceTests(SynchronousTestCase):
+    """
+    A decision names the service it is for: one signed for another service
+    name counts for nothing here, even when that service has this service's
+    very key (so the decision's service key matches, and only its name can
+    refuse it).
+    """
+
+    def test_approvalForAnotherNameOfTheSameKey(self) -> None:
+        service = makeIdentity("acme", "ledger")
+        sameKey = Identity.fromPrivateKey("acme", "other", service.privateKey)
+        self.assertEqual(sameKey.fingerprint, service.fingerprint)
+        store = MemoryTrustStore()
+        approver = FakeApprover()
+        policy = ApprovalPolicy(store, approver, service)
+        peer = PeerIdentity(
+            "acme", "billing", makeIdentity("acme", "billing").publicKey
+        )
+        self.successResultOf(
+            recordDecision(store, service, sameKey, peer, KeyState.approved)
+        )
+        checking = policy.check(peer, "10.9.9.9:1")
+        # Not let in: treated as unknown, so the approver is asked.
+        self.assertNoResult(checking)
+        self.assertEqual(len(approver.requests), 1)
+        self.assertEqual(len(self.flushLoggedErrors()), 0, "no error was logged")
 
 
 class ReflectedProofTests(AttackCase):
