@@ -85,6 +85,8 @@ class PostgreSQLServer:
         self.logfile = self.base / "server.log"
         self._as = _unprivileged()
         self.running = False
+        #: Whether it ever started (and so has a port its clients know).
+        self.started = False
 
     def _run(self, *command: str) -> subprocess.CompletedProcess[bytes]:
         credentials = self._as
@@ -141,7 +143,28 @@ class PostgreSQLServer:
     def start(self) -> None:
         """
         Start the server (again), and wait until it accepts connections.
+
+        PostgreSQL cannot listen on port 0 and say which port it got, so its
+        port is one that was free a moment before; should another process
+        take it in between, the first start tries another (a restart keeps
+        its port: its clients know it).
         """
+        for attempt in range(5):
+            try:
+                self._start()
+                return
+            except AssertionError:
+                if self.started or attempt == 4 or not self._portTaken():
+                    raise
+                self.port = free_port()
+
+    def _portTaken(self) -> bool:
+        try:
+            return "could not bind" in self.logfile.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def _start(self) -> None:
         options = " ".join(
             [
                 f"-c listen_addresses={LOOPBACK}",
@@ -169,6 +192,7 @@ class PostgreSQLServer:
             "pg_ctl start",
         )
         self.running = True
+        self.started = True
 
     def stop(self) -> None:
         """

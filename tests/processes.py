@@ -490,6 +490,20 @@ class Daemon:
             )
         ]
 
+    def port_of(self, prefix: str, number: int = 0) -> int:
+        """
+        The port that the C{number}th (from 0) factory whose log prefix starts
+        with C{prefix} bound (the daemon starts its listening port, then its
+        sidecars' local ports, then its control port), once it is bound:
+        for a port asked for as port 0.
+        """
+
+        def bound() -> int | None:
+            ports = [p for name, p in self.bound_ports() if name.startswith(prefix)]
+            return ports[number] if len(ports) > number else None
+
+        return wait_for(bound, f"a {prefix} port to be bound", why=self.report)
+
     def _listening_port(self) -> int:
         """
         The port of C{--listen}: the port asked for, if one was; otherwise the

@@ -32,7 +32,6 @@ from .processes import (
     connect,
     describe,
     finish,
-    free_port,
     keygen,
     run_cli,
     run_twistd,
@@ -41,6 +40,24 @@ from .processes import (
 
 HELLO = b"hello\n"
 LEDGER = "acme/ledger"
+
+
+class _Original(Daemon):
+    """
+    The running instance, which tells its L{Site} where its control
+    endpoint listens once it is entered.
+    """
+
+    def __init__(self, site: Site, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.site = site
+
+    def __enter__(self) -> Daemon:
+        entered = super().__enter__()
+        # The listening port is the first TLS port bound, the control one
+        # the second.
+        self.site.control = f"{LOOPBACK}:{self.port_of('HandshakeFactory', 1)}"
+        return entered
 
 
 class Site:
@@ -55,8 +72,9 @@ class Site:
         for name, (directory, fingerprint) in made.items():
             shutil.copytree(directory, base / name)
             self.fingerprints[name] = fingerprint
-        self.controlPort = free_port()
-        self.control = f"{LOOPBACK}:{self.controlPort}"
+        #: The control endpoint's address, once the running instance bound
+        #: it (see L{daemon}).
+        self.control = ""
         self.audit = base / "audit.jsonl"
 
     def path(self, name: str) -> Path:
@@ -65,16 +83,18 @@ class Site:
     def daemon(self, echo: EchoServer, name: str = "original", *extra: str) -> Daemon:
         """
         The running instance: acme/ledger, owned by alice, with its control
-        endpoint on TCP loopback.
+        endpoint on TCP loopback (port 0: its address is known once the
+        instance is entered).
         """
-        return Daemon(
+        return _Original(
+            self,
             self.base / name,
             "--identity",
             str(self.path("ledger")),
             "--owner",
             str(self.path("alice") / f"{PRIVATE_KEY}.pub"),
             "--control",
-            f"tcp:{self.controlPort}:interface={LOOPBACK}",
+            f"tcp:0:interface={LOOPBACK}",
             "--forward",
             echo.forward,
             "--audit-log",

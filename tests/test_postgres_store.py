@@ -299,11 +299,10 @@ def test_unreachable(postgres: PostgreSQLServer) -> None:
     A server that does not answer is L{StoreUnavailable}, with the URL (its
     password hidden) in the message.
     """
-    from .processes import free_port
+    from .processes import refusing_port
 
-    url = f"postgresql://dwtrust:secret@127.0.0.1:{free_port()}/nothing"
-    with pytest.raises(StoreUnavailable) as raised:
-        migrateURL(url)
+    with refusing_port() as nowhere, pytest.raises(StoreUnavailable) as raised:
+        migrateURL(f"postgresql://dwtrust:secret@127.0.0.1:{nowhere}/nothing")
     assert "dwtrust:***@127.0.0.1" in str(raised.value)
     assert "secret" not in str(raised.value)
 

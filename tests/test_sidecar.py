@@ -48,8 +48,8 @@ from .processes import (
     STORE,
     Daemon,
     EchoServer,
-    free_port,
     keygen,
+    refusing_port,
     wait_for,
 )
 from .test_e2e import pins
@@ -411,7 +411,6 @@ def test_plainClientThroughSidecar(tmp_path: Path) -> None:
     ledger, billing = tmp_path / "ledger", tmp_path / "billing"
     ledgerKey = keygen(ledger, "acme", "ledger")
     billingKey = keygen(billing, "acme", "billing")
-    local = free_port()
     with (
         EchoServer(tmp_path / "echo") as echo,
         Daemon(
@@ -428,10 +427,11 @@ def test_plainClientThroughSidecar(tmp_path: Path) -> None:
             "--identity",
             str(billing),
             "--connect",
-            f"tcp:{local}:interface={LOOPBACK}={remote.address}",
+            f"tcp:0:interface={LOOPBACK}={remote.address}",
             listen=False,
         ) as sidecar,
     ):
+        local = sidecar.port_of("SidecarFactory")
         assert exchange(local, HELLO) == HELLO
         big = os.urandom(4 << 20)
         assert exchange(local, big) == big
@@ -440,7 +440,7 @@ def test_plainClientThroughSidecar(tmp_path: Path) -> None:
         )
         log = sidecar.log()
     assert pins(billing / STORE) == {remote.address: ledgerKey}
-    assert f"client sidecar tcp:{local}:interface={LOOPBACK} -> {remote.address}" in log
+    assert f"client sidecar tcp:0:interface={LOOPBACK} -> {remote.address}" in log
     assert "not listening for dwtrust peers" in log
     assert "listening on" not in log
     assert echo.received() == {1: len(HELLO), 2: len(big)}
@@ -456,7 +456,6 @@ def test_refusalClosesLocal(tmp_path: Path) -> None:
     keygen(ledger, "acme", "ledger")
     keygen(billing, "acme", "billing")
     audit = tmp_path / "sidecar-audit.jsonl"
-    local = free_port()
     with (
         EchoServer(tmp_path / "echo") as echo,
         Daemon(
@@ -473,12 +472,13 @@ def test_refusalClosesLocal(tmp_path: Path) -> None:
             "--identity",
             str(billing),
             "--connect",
-            f"tcp:{local}:interface={LOOPBACK}={remote.address}",
+            f"tcp:0:interface={LOOPBACK}={remote.address}",
             "--audit-log",
             str(audit),
             listen=False,
-        ),
+        ) as sidecar,
     ):
+        local = sidecar.port_of("SidecarFactory")
         with socket.create_connection((LOOPBACK, local), timeout=DEADLINE) as client:
             client.sendall(HELLO)
             assert client.recv(1024) == b""
@@ -506,17 +506,20 @@ def test_remoteDown(tmp_path: Path) -> None:
     billing = tmp_path / "billing"
     keygen(billing, "acme", "billing")
     audit = tmp_path / "sidecar-audit.jsonl"
-    local, nowhere = free_port(), free_port()
-    with Daemon(
-        tmp_path / "sidecar",
-        "--identity",
-        str(billing),
-        "--connect",
-        f"tcp:{local}:interface={LOOPBACK}={LOOPBACK}:{nowhere}",
-        "--audit-log",
-        str(audit),
-        listen=False,
+    with (
+        refusing_port() as nowhere,
+        Daemon(
+            tmp_path / "sidecar",
+            "--identity",
+            str(billing),
+            "--connect",
+            f"tcp:0:interface={LOOPBACK}={LOOPBACK}:{nowhere}",
+            "--audit-log",
+            str(audit),
+            listen=False,
+        ) as sidecar,
     ):
+        local = sidecar.port_of("SidecarFactory")
         with socket.create_connection((LOOPBACK, local), timeout=DEADLINE) as client:
             client.sendall(HELLO)
             assert client.recv(1024) == b""
