@@ -76,10 +76,14 @@ from ._rows import (
     SELECT_PENDING,
     SELECT_RECORDS,
     combinedRecord,
+    decisionRow,
+    insertDecision,
     pinOf,
     recordOf,
 )
 from ._sqlite import SCHEMA_VERSION, StoreError
+
+_INSERT_DECISION = insertDecision("%s")
 
 if TYPE_CHECKING:
     import psycopg
@@ -1099,20 +1103,9 @@ class PostgreSQLStore:
             before = _records(cursor, [peer.fingerprint]).get(peer.fingerprint)
             try:
                 cursor.execute(
-                    f"INSERT INTO decisions ({DECISION_COLUMNS})"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        peer.fingerprint,
-                        sequence,
-                        peer.org,
-                        peer.service,
-                        peer.algorithm,
-                        peer.publicKey.blob,
-                        state.value,
-                        decidedBy,
-                        sentBy,
-                        now,
-                        decision,
+                    _INSERT_DECISION,
+                    decisionRow(
+                        peer, sequence, state, decidedBy, sentBy, now, decision
                     ),
                 )
             except psycopg.errors.UniqueViolation:

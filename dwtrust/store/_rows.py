@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .._identity import PeerIdentity
 from ._interface import KeyRecord, KeyState, Pin
 
 PEER_COLUMNS = (
@@ -58,6 +59,43 @@ SELECT_DECIDED = (
 )
 
 _PEER_WIDTH = len(PEER_COLUMNS.split(","))
+
+
+def insertDecision(placeholder: str) -> str:
+    """
+    The statement that appends one decision to a key's history, with the
+    driver's C{placeholder} (C{?} or C{%s}), for the parameters that
+    L{decisionRow} gives.
+    """
+    marks = ", ".join([placeholder] * len(DECISION_COLUMNS.split(",")))
+    return f"INSERT INTO decisions ({DECISION_COLUMNS}) VALUES ({marks})"
+
+
+def decisionRow(
+    peer: PeerIdentity,
+    sequence: int,
+    state: KeyState,
+    decidedBy: str,
+    sentBy: str,
+    now: float,
+    decision: bytes,
+) -> tuple[Any, ...]:
+    """
+    The parameters of L{insertDecision}, in L{DECISION_COLUMNS}' order.
+    """
+    return (
+        peer.fingerprint,
+        sequence,
+        peer.org,
+        peer.service,
+        peer.algorithm,
+        peer.publicKey.blob,
+        state.value,
+        decidedBy,
+        sentBy,
+        now,
+        decision,
+    )
 
 
 def combinedRecord(

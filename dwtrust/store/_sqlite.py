@@ -38,7 +38,6 @@ from ._interface import (
     sourceHost,
 )
 from ._rows import (
-    DECISION_COLUMNS,
     PEER_COLUMNS,
     PIN_COLUMNS,
     SELECT_DECIDED,
@@ -46,12 +45,15 @@ from ._rows import (
     SELECT_PENDING,
     SELECT_RECORDS,
     combinedRecord,
+    decisionRow,
+    insertDecision,
     pinOf,
     recordOf,
 )
 
 _SELECT_PEER = f"SELECT {PEER_COLUMNS} FROM peers WHERE fingerprint = ?"
 _SELECT_NEWEST = SELECT_NEWEST_DECISION.format(p="?")
+_INSERT_DECISION = insertDecision("?")
 
 #: Each entry takes the schema from its index to the next version.
 MIGRATIONS: Sequence[str] = [
@@ -421,20 +423,9 @@ class SQLiteStore:
             cursor.execute("SAVEPOINT record")
             try:
                 cursor.execute(
-                    f"INSERT INTO decisions ({DECISION_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        peer.fingerprint,
-                        sequence,
-                        peer.org,
-                        peer.service,
-                        peer.algorithm,
-                        peer.publicKey.blob,
-                        state.value,
-                        decidedBy,
-                        sentBy,
-                        now,
-                        decision,
+                    _INSERT_DECISION,
+                    decisionRow(
+                        peer, sequence, state, decidedBy, sentBy, now, decision
                     ),
                 )
             except sqlite3.IntegrityError:
