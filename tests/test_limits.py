@@ -62,7 +62,15 @@ from dwtrust._wire import (
 from dwtrust.approval import approverFromName
 from dwtrust.testing import MemoryTrustStore
 
-from .processes import LOOPBACK, Daemon, EchoServer, connect, keygen
+from .processes import (
+    LOOPBACK,
+    Daemon,
+    EchoServer,
+    connect,
+    describe,
+    keygen,
+    run_cli,
+)
 from .test_tls import handshake
 
 T = TypeVar("T")
@@ -483,10 +491,30 @@ def approved(tmp_path: Path) -> Iterator[tuple[Path, Path, EchoServer]]:
 
 def served(client: Path, daemon: Daemon, tmp_path: Path) -> None:
     """
-    The approved client connects and gets its bytes echoed.
+    The approved client connects and gets its bytes echoed; and the owner
+    (see L{ownerOf}), if the daemon has one, lists the pending requests.
     """
     done = connect(client, daemon.address, "--store", str(tmp_path / "pins"))
     assert (done.status, done.stdout) == (0, HELLO), f"{done}\n{daemon.report()}"
+    owner = tmp_path / "owner"
+    if owner.exists():
+        listed = run_cli(
+            "pending",
+            "--control",
+            f"unix:{tmp_path / 'server' / 'control.sock'}",
+            "--identity",
+            str(owner),
+        )
+        assert listed.returncode == 0, f"{describe(listed)}\n{daemon.report()}"
+
+
+def ownerOf(tmp_path: Path) -> list[str]:
+    """
+    The options that make C{tmp_path}'s owner (made here) an owner of a
+    daemon: L{served} then checks that the owner is served too.
+    """
+    keygen(tmp_path / "owner", "acme", "alice")
+    return ["--owner", str(tmp_path / "owner" / "id_dwtrust.pub")]
 
 
 def test_certificateCacheDaemon(
@@ -507,6 +535,7 @@ def test_certificateCacheDaemon(
         str(server),
         "--forward",
         echo.forward,
+        *ownerOf(tmp_path),
         "--max-untrusted-per-source",
         "512",
     ) as daemon:
@@ -562,6 +591,7 @@ def test_heldConnectionsDaemon(
         str(server),
         "--forward",
         echo.forward,
+        *ownerOf(tmp_path),
         "--timeout",
         "60",
         "--max-untrusted-per-source",
@@ -719,6 +749,7 @@ def test_stormDaemon(tmp_path: Path, approved: tuple[Path, Path, EchoServer]) ->
         str(server),
         "--forward",
         echo.forward,
+        *ownerOf(tmp_path),
         "--max-tls-handshakes",
         "2",
     ) as daemon:
