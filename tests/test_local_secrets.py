@@ -522,6 +522,15 @@ def test_identityDirectoryMadePrivate(public_tmp: Path, made: dict[str, Any]) ->
         daemon.wait_for_log(
             r"had mode 0755, readable by other local users; it is now 0700"
         )
+        # The store's -wal and -shm files appear once its database thread
+        # has opened it, which a loaded machine may take a moment to do.
+        wait_for(
+            lambda: all(
+                (directory / name).exists() for name in (f"{STORE}-wal", f"{STORE}-shm")
+            ),
+            "the store's -wal and -shm files",
+            why=daemon.report,
+        )
         found = modes(directory)
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         assert {"control.sock", f"{STORE}-wal", f"{STORE}-shm"} <= set(found), found
@@ -553,7 +562,13 @@ def test_newIdentityIsPrivate(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         with Daemon(tmp_path / "run", "--identity", str(directory)):
-            wait_for(lambda: (directory / f"{STORE}-wal").exists(), "the store's WAL")
+            wait_for(
+                lambda: all(
+                    (directory / name).exists()
+                    for name in (f"{STORE}-wal", f"{STORE}-shm", "control.sock")
+                ),
+                "the store's -wal and -shm files and the control socket",
+            )
             found = modes(directory)
     finally:
         os.umask(old)
