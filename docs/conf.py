@@ -15,7 +15,7 @@ from typing import Any
 
 _ROOT = Path(__file__).resolve().parent.parent
 # Let autodoc import dwtrust from the checkout even without an install.
-sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_ROOT / "src"))
 
 _setup_cfg = configparser.ConfigParser()
 _setup_cfg.read(_ROOT / "setup.cfg", encoding="utf-8")

@@ -26,7 +26,7 @@ from dwtrust.tap import Options
 from .processes import TWISTD
 
 ROOT = Path(__file__).resolve().parent.parent
-DROPINS = ROOT / "twisted" / "plugins"
+DROPINS = ROOT / "src" / "twisted" / "plugins"
 OPTIONS = [
     "--identity",
     "--org",
@@ -122,7 +122,7 @@ def test_clientParserPlugin() -> None:
 
 def test_dropinDirectory() -> None:
     """
-    C{twisted/plugins/} holds the dropin and no C{__init__.py}, so it does
+    C{src/twisted/plugins/} holds the dropin and no C{__init__.py}, so it does
     not shadow Twisted's own C{twisted.plugins} package: that package is
     still Twisted's, and the dropin directory is on its search path.
     """
@@ -131,4 +131,4 @@ def test_dropinDirectory() -> None:
     assert Path(twisted.plugins.__file__).resolve().parent != DROPINS
     searched = {Path(p).resolve() for p in twisted.plugins.__path__}
     assert DROPINS in searched, searched
-    assert Path(dwtrust.__file__).resolve().parent == ROOT / "dwtrust"
+    assert Path(dwtrust.__file__).resolve().parent == ROOT / "src" / "dwtrust"
