@@ -140,35 +140,62 @@ def sampleFingerprints(count: int, sample: int) -> list[str]:
 
 def approvedRows(paths: dict[str, str]) -> list[tuple[Any, ...]]:
     """
-    The real client's row, with a decision signed by the server.
+    The real client's row (its decision is in L{approvedDecisions}).
     """
+    return [approved(paths)[0]]
+
+
+def approvedDecisions(paths: dict[str, str]) -> list[tuple[Any, ...]]:
+    """
+    The real client's decision, signed by the server, first in its history.
+    """
+    return [approved(paths)[1]]
+
+
+def approved(paths: dict[str, str]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     from twisted.python.filepath import FilePath
 
-    from dwtrust import Identity
+    from dwtrust import Identity, PeerIdentity
     from dwtrust._decision import SignedDecision
+    from dwtrust.store import KeyState
+    from dwtrust.store._rows import decisionRow
 
     server = Identity.load(FilePath(paths["server"]))
     client = Identity.load(FilePath(paths["client"]))
-    from dwtrust import PeerIdentity
-
     peer = PeerIdentity(client.org, client.service, client.publicKey)
     now = time.time()
-    decision = SignedDecision.make(server, server.name, peer, "approved", now, "bench")
-    return [
-        (
-            peer.fingerprint,
-            peer.org,
-            peer.service,
-            peer.algorithm,
-            peer.publicKey.blob,
-            "approved",
-            now,
-            now,
-            "benchmark",
-            server.fingerprint,
-            decision.encode(),
-        )
-    ]
+    decision = SignedDecision.make(
+        server,
+        server.name,
+        peer,
+        "approved",
+        now,
+        "bench",
+        server.fingerprint,
+        1,
+    )
+    row = (
+        peer.fingerprint,
+        peer.org,
+        peer.service,
+        peer.algorithm,
+        peer.publicKey.blob,
+        "approved",
+        now,
+        now,
+        "benchmark",
+        server.fingerprint,
+        b"",
+    )
+    return row, decisionRow(
+        peer,
+        1,
+        KeyState.approved,
+        server.fingerprint,
+        "",
+        now,
+        decision.encode(),
+    )
 
 
 def sqliteStore(work: Path, count: int, paths: dict[str, str]) -> str:
@@ -176,6 +203,7 @@ def sqliteStore(work: Path, count: int, paths: dict[str, str]) -> str:
     A SQLite store with C{count} bulk keys and the real client; the bulk file
     is made once and copied.
     """
+    from dwtrust.store._rows import DECISION_COLUMNS
     from dwtrust.store._sqlite import migrateFile
 
     template = work / f"bulk-{count}.sqlite3"
@@ -208,6 +236,11 @@ def sqliteStore(work: Path, count: int, paths: dict[str, str]) -> str:
             f"INSERT OR REPLACE INTO peers ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             approvedRows(paths),
         )
+        connection.executemany(
+            f"INSERT OR REPLACE INTO decisions ({DECISION_COLUMNS})"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            approvedDecisions(paths),
+        )
     connection.close()
     return str(target)
 
@@ -216,6 +249,7 @@ def postgresStore(url: str, count: int, paths: dict[str, str]) -> str:
     import psycopg
 
     from dwtrust.store._postgres import migrateURL
+    from dwtrust.store._rows import DECISION_COLUMNS
 
     started = time.monotonic()
     migrateURL(url)
@@ -224,6 +258,9 @@ def postgresStore(url: str, count: int, paths: dict[str, str]) -> str:
             for row in bulkRows(count):
                 copy.write_row(row)
             for row in approvedRows(paths):
+                copy.write_row(row)
+        with cursor.copy(f"COPY decisions ({DECISION_COLUMNS}) FROM STDIN") as copy:
+            for row in approvedDecisions(paths):
                 copy.write_row(row)
         cursor.execute("ANALYZE peers")
     print(

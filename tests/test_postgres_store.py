@@ -991,6 +991,8 @@ class CatchUpTests(TestCase):
             second = await self.instance()
             heard = Changes(first)
             await first.whenListening()
+            # Its pool is open (it opens with the store's first use).
+            await second.whenListening()
             peer, later = peerIdentity(), peerIdentity()
             catchUp = first._catchUp
 

@@ -2,18 +2,32 @@
 The fleet's trust store: one PostgreSQL database shared by every instance of
 a service, with changes announced to all of them by C{LISTEN}/C{NOTIFY}.
 
-Queries run in a small pool of threads (one connection each, at most
-C{poolSize}), never on the reactor thread.  Every write that others must
-hear about sends its C{NOTIFY} in its own transaction, so that it is
-delivered only if the write commits.  A dedicated connection, in a thread of
-its own, listens, and hands each notification to the reactor.
+Queries run in psycopg's own connection pool (C{psycopg_pool}, at most
+C{poolSize} connections, each checked as it is taken, none kept longer than
+L{MAX_LIFETIME}), from a Twisted thread pool of as many threads, never on the
+reactor thread.  Every write that others must hear about sends its
+C{NOTIFY} in its own transaction, so that it is delivered only if the write
+commits.  A dedicated connection, outside the pool and in a thread of its
+own, listens, and hands each notification to the reactor.  The connections
+name themselves to the server (C{application_name}, see
+L{APPLICATION_NAME}), so that operators can tell them apart in
+C{pg_stat_activity}.
+
+The pool is psycopg_pool's synchronous C{ConnectionPool}, not its
+C{AsyncConnectionPool}: that one runs on an asyncio event loop, and the
+reactor C{twistd} runs is not asyncio's (nor can a library choose it for the
+application), so the synchronous pool's blocking calls run in the Twisted
+thread pool, through C{deferToThreadPool}.
 
 The store keeps a bounded cache of the decided records it has read,
 refreshed by the notifications.  While the server cannot be reached,
 L{PostgreSQLStore.lookup} answers from that cache for keys it holds, and
 fails with L{StoreUnavailable} for the others; every write fails with
 L{StoreUnavailable}, so that nothing is lost silently.  Both the pool and the
-listener reconnect by themselves.
+listener reconnect by themselves.  While the store knows the server to be
+unavailable, a query waits at most L{UNAVAILABLE_WAIT} for a connection,
+and for L{PROBE_INTERVAL} after a query failed, a key in the cache is
+answered from it at once (a notification is always read afresh).
 
 Whenever the listener connects (again), the store catches up what it may
 have missed while it did not listen: it reads the pending requests and the
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -87,9 +102,11 @@ _INSERT_DECISION = insertDecision("%s")
 
 if TYPE_CHECKING:
     import psycopg
+    import psycopg_pool
 
     Connection = psycopg.Connection[Any]
     Cursor = psycopg.Cursor[Any]
+    Pool = psycopg_pool.ConnectionPool[Connection]
 
 T = TypeVar("T")
 
@@ -100,8 +117,34 @@ MIGRATION_LOCK = 0x6477_7472_0001
 PENDING_LOCK = 0x6477_7472_0002
 #: Decided records kept for outages, at most.
 CACHE_SIZE = 100_000
-#: Seconds allowed to open a connection.
+#: Seconds allowed to open a connection, and so the longest a query waits
+#: for one from the pool while the server is thought to be available.
 CONNECT_TIMEOUT = 5
+#: The longest a query waits for a connection while the server is known to
+#: be unavailable: long enough for the pool's next attempt to connect (see
+#: L{RECONNECT_TIMEOUT}), short enough not to hold up refusals in an outage.
+UNAVAILABLE_WAIT = 2.0
+#: Seconds after a query failed for want of the server during which keys in
+#: the cache are answered from it at once; then one lookup tries the server
+#: again (see L{PostgreSQLStore._poolDown}).
+PROBE_INTERVAL = 2.0
+#: Seconds the pool keeps trying to replace a connection (about once a
+#: second) before it gives up until a query needs one again: after an
+#: outage, a query finds the server again within about a second.
+RECONNECT_TIMEOUT = 2.0
+#: The oldest a pooled connection gets before the pool replaces it, in
+#: seconds (psycopg_pool takes up to 5% off each, so that they are not all
+#: replaced at once).
+MAX_LIFETIME = 30 * 60.0
+#: What the store's connections call themselves in C{pg_stat_activity}
+#: (unless the URL sets C{application_name}): the pool's connections (and
+#: the short-lived ones that migrate and read at start-up), and the
+#: listener's.
+APPLICATION_NAME = "dwtrust"
+LISTENER_NAME = "dwtrust-listener"
+#: Seconds the pool's own threads are given to stop when the reactor stops
+#: with the store open.
+SHUTDOWN_WAIT = 1.0
 #: The listener's longest wait between attempts to reconnect, in seconds.
 MAX_BACKOFF = 2.0
 #: Seconds the listener waits for notifications before it checks whether it
@@ -224,6 +267,44 @@ def driver() -> Any:
     return psycopg
 
 
+def poolDriver() -> Any:
+    """
+    The psycopg_pool module.
+
+    @raise StoreError: if it is not installed, saying how to install it.
+    """
+    try:
+        import psycopg_pool
+    except ImportError:
+        raise StoreError(
+            "a postgresql:// trust store needs psycopg-pool:"
+            " pip install dwtrust[postgresql]"
+        ) from None
+    # Its warnings (each failed attempt to connect) would otherwise go to
+    # stderr, which twistd logs line by line: the store logs an outage once,
+    # itself.  An application that configures logging still gets them.
+    logging.getLogger("psycopg.pool").addHandler(_quiet)
+    return psycopg_pool
+
+
+_quiet = logging.NullHandler()
+
+
+def _named(url: str, name: str) -> dict[str, str]:
+    """
+    The connection parameter that names a connection C{name} in
+    C{pg_stat_activity}, unless C{url} names it already.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        given = conninfo_to_dict(url)
+    except driver().Error:
+        # Connecting will say what is wrong with it.
+        given = {}
+    return {} if "application_name" in given else {"application_name": name}
+
+
 def _message(error: BaseException) -> str:
     """
     The first line of a driver error, without the noise.
@@ -232,9 +313,10 @@ def _message(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def connect(url: str) -> Connection:
+def connect(url: str, name: str = APPLICATION_NAME) -> Connection:
     """
-    A new autocommit connection to C{url}.  Blocks.
+    A new autocommit connection to C{url}, called C{name} in
+    C{pg_stat_activity}.  Blocks.
 
     @raise StoreUnavailable: if the server cannot be reached.
     @raise StoreError: if C{url} is not usable.
@@ -242,7 +324,10 @@ def connect(url: str) -> Connection:
     psycopg = driver()
     try:
         connection: Connection = psycopg.connect(
-            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            **_named(url, name),
         )
     except psycopg.OperationalError as e:
         raise StoreUnavailable(
@@ -447,16 +532,34 @@ class PostgreSQLStore:
         self._now = now
         self.origin = secrets.token_hex(8)
         self.poolSize = poolSize
+        psycopg = driver()
+        pools = poolDriver()
+        # psycopg's pool holds the connections (opened with the reactor; see
+        # _start); as many threads as it has connections at most run the
+        # queries, so that no thread waits for another's connection.
+        self._pool: Pool = pools.ConnectionPool(
+            url,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT,
+                **_named(url, APPLICATION_NAME),
+            },
+            min_size=1,
+            max_size=poolSize,
+            open=False,
+            check=pools.ConnectionPool.check_connection,
+            max_lifetime=MAX_LIFETIME,
+            reconnect_timeout=RECONNECT_TIMEOUT,
+            timeout=CONNECT_TIMEOUT,
+            name="dwtrust",
+            num_workers=2,
+        )
+        self._driver = psycopg
+        self._pools = pools
         self._threads = ThreadPool(0, poolSize, name="dwtrust-postgresql")
         self._shutdown: Any = None
         self._started = False
         self._closed = False
-        # Idle connections, each with the listener epoch it was opened in: a
-        # connection older than the listener's latest reconnection may have
-        # been cut by the server, and is not reused.
-        self._idle: list[tuple[Connection, int]] = []
-        self._idleLock = threading.Lock()
-        self._epoch = 0
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._listening = False
@@ -470,6 +573,11 @@ class PostgreSQLStore:
         self._changed: dict[str, int] = {}
         self._watchers: list[Callable[[StoreChange], object]] = []
         self._available = True
+        # When a query last failed for want of the server (L{None} since one
+        # succeeded, or the listener connected): see _poolDown.
+        self._poolFailedAt: float | None = None
+        # Why the listener last failed to connect ("" once it connects).
+        self._reason = ""
         self._seenDropped = False
         # Pending requests, by fingerprint: those this store knows of (it
         # announced them, or they were there when it opened; L{None} until
@@ -554,108 +662,117 @@ class PostgreSQLStore:
         if self._started:
             return
         self._started = True
+        self._pool.open()
         self._threads.start()
         self._shutdown = IReactorCore(self._reactor).addSystemEventTrigger(
-            "during", "shutdown", self._stopThreads
+            "during", "shutdown", self._closeAtShutdown
         )
         self._listener = threading.Thread(
             target=self._listen, name="dwtrust-postgresql-listen", daemon=True
         )
         self._listener.start()
 
-    def _run(self, work: Callable[[Cursor], T]) -> Deferred[T]:
+    def _run(
+        self, work: Callable[[Cursor], T], transaction: bool = True
+    ) -> Deferred[T]:
         """
         Run C{work} with a cursor, in one transaction, in a pool thread.
+
+        @param transaction: L{False} for C{work} that runs one statement,
+            which is a transaction of its own: it saves the round trips of
+            C{BEGIN} and C{COMMIT}.
         """
         if self._closed:
             return fail(StoreError(f"the trust store {self.where} is closed"))
         self._start()
         running: Deferred[T] = threads.deferToThreadPool(
-            self._reactor, self._threads, self._transact, work
+            self._reactor, self._threads, self._transact, work, transaction
         )
 
         def succeeded(result: T) -> T:
+            self._poolFailedAt = None
             self._setAvailable(True, "")
             return result
 
         def failed(failure: Failure) -> Failure:
             if failure.check(StoreUnavailable):
+                self._poolFailedAt = time.monotonic()
                 self._setAvailable(False, failure.getErrorMessage())
             return failure
 
         return running.addCallbacks(succeeded, failed)
 
-    def _transact(self, work: Callable[[Cursor], T]) -> T:
+    def _transact(self, work: Callable[[Cursor], T], transaction: bool = True) -> T:
         """
-        In a pool thread: run C{work} in a transaction, trying again with a
-        fresh connection if an idle one turns out to have been cut, and again
-        after a serialization conflict.
+        In a pool thread: run C{work} in a transaction, on a connection from
+        the pool (which checks it first, and replaces it if it was cut), and
+        again after a serialization conflict.
         """
-        psycopg = driver()
+        psycopg, pools = self._driver, self._pools
+        known = self._poolFailedAt is not None or not self._available
+        wait = UNAVAILABLE_WAIT if known else CONNECT_TIMEOUT
         conflicts = 0
         while True:
-            connection, epoch, reused = self._checkout()
             try:
-                with connection.transaction(), connection.cursor() as cursor:
-                    result = work(cursor)
+                with (
+                    self._pool.connection(timeout=wait) as connection,
+                    connection.transaction()
+                    if transaction
+                    else contextlib.nullcontext(),
+                    connection.cursor() as cursor,
+                ):
+                    return work(cursor)
+            except pools.PoolClosed:
+                raise StoreError(f"the trust store {self.where} is closed") from None
+            except pools.PoolTimeout:
+                raise StoreUnavailable(
+                    f"the trust store {self.where} is unavailable: no connection"
+                    f" within {wait:g} s{self._lastReason()}"
+                ) from None
             except psycopg.errors.TransactionRollback as e:
-                self._checkin(connection, epoch)
                 conflicts += 1
                 if conflicts >= RETRIES:
                     raise StoreError(
                         f"the trust store {self.where} failed: {_message(e)}"
                     ) from None
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-                self._discard(connection)
-                if not reused:
-                    raise StoreUnavailable(
-                        f"the trust store {self.where} is unavailable: {_message(e)}"
-                    ) from None
+                # The pool drops the connection (it is broken) and opens
+                # another.
+                raise StoreUnavailable(
+                    f"the trust store {self.where} is unavailable: {_message(e)}"
+                ) from None
             except psycopg.Error as e:
-                self._checkin(connection, epoch)
                 raise StoreError(
                     f"the trust store {self.where} failed: {_message(e)}"
                 ) from None
-            except BaseException:
-                self._checkin(connection, epoch)
-                raise
-            else:
-                self._checkin(connection, epoch)
-                return result
 
-    def _checkout(self) -> tuple[Connection, int, bool]:
-        with self._idleLock:
-            while self._idle:
-                connection, epoch = self._idle.pop()
-                if epoch == self._epoch and not connection.broken:
-                    return connection, epoch, True
-                connection.close()
-            epoch = self._epoch
-        return connect(self._url), epoch, False
-
-    def _checkin(self, connection: Connection, epoch: int) -> None:
-        with self._idleLock:
-            if not (self._closed or connection.closed or connection.broken):
-                self._idle.append((connection, epoch))
-                return
-        connection.close()
+    def _lastReason(self) -> str:
+        """
+        Why the listener last failed to connect, if it did, for a message.
+        """
+        reason = self._reason
+        return f" ({reason})" if reason else ""
 
     def _discard(self, connection: Connection) -> None:
         with contextlib.suppress(Exception):
             connection.close()
 
-    def _stopThreads(self) -> None:
+    def _closeAtShutdown(self) -> None:
+        """
+        The reactor stops (and so its thread pools) before the store was
+        closed: close it now, in the reactor thread, as Twisted's own thread
+        pools are stopped (the pool's workers are given a second).
+        """
+        self._shutdown = None
+        self._closed = True
         self._stopping.set()
-        if self._started:
-            self._threads.stop()
-        with self._idleLock:
-            idle, self._idle = self._idle, []
-        for connection, _ in idle:
-            self._discard(connection)
+        self._pool.close(timeout=SHUTDOWN_WAIT)
+        self._threads.stop()
 
     def close(self) -> Deferred[None]:
         """
-        Stop listening, stop the pool's threads and close the connections.
+        Stop listening, close the pool (queries waiting for a connection
+        fail at once), and stop the pool's threads.
         """
         if self._closed:
             return succeed(None)
@@ -668,9 +785,12 @@ class PostgreSQLStore:
             IReactorCore(self._reactor).removeSystemEventTrigger(self._shutdown)
             self._shutdown = None
         listener = self._listener
+        started = self._started
 
         def stop() -> None:
-            self._stopThreads()
+            if started:
+                self._pool.close(timeout=CONNECT_TIMEOUT)
+                self._threads.stop()
             if listener is not None:
                 listener.join(CONNECT_TIMEOUT + 1)
 
@@ -715,8 +835,11 @@ class PostgreSQLStore:
         connectedBefore = False
         while not self._stopping.is_set():
             try:
-                connection = connect(self._url)
+                connection = connect(self._url, LISTENER_NAME)
             except StoreError as e:
+                self._reason = str(e).removeprefix(
+                    f"the trust store {self.where} is unavailable: "
+                )
                 if not self._stopping.is_set():
                     fromThread(self._lost, str(e))
                 self._stopping.wait(delay)
@@ -724,10 +847,11 @@ class PostgreSQLStore:
                 continue
             try:
                 connection.execute(f"LISTEN {CHANNEL}")
+                self._reason = ""
                 if connectedBefore:
-                    # Connections opened before the loss may be cut too.
-                    with self._idleLock:
-                        self._epoch += 1
+                    # The pool's connections opened before the loss may be
+                    # cut too: the pool replaces them all.
+                    self._pool.drain()
                 # Every change from now on is heard; what came before is
                 # caught up (in the reactor, after this call).
                 fromThread(self._listening_)
@@ -747,6 +871,7 @@ class PostgreSQLStore:
         The listener is (again) connected: catch up what it did not hear
         before.
         """
+        self._poolFailedAt = None
         self._listening = True
         self._caughtUp = False
         self._connections += 1
@@ -949,7 +1074,9 @@ class PostgreSQLStore:
                 reason=failure.getErrorMessage(),
             )
 
-        self.lookup(fingerprint).addCallbacks(read, failed)
+        # Read afresh, even while queries fail: the cache is what the
+        # notification may change.
+        self._lookup(fingerprint).addCallbacks(read, failed)
 
     def _announce(self, change: StoreChange) -> None:
         for watcher in list(self._watchers):
@@ -1029,7 +1156,37 @@ class PostgreSQLStore:
 
     # ITrustStore
 
+    def _poolDown(self) -> bool:
+        """
+        Whether a query failed for want of the server less than
+        L{PROBE_INTERVAL} ago (and none succeeded since): a lookup of a key
+        in the cache is then answered from it without waiting for a
+        connection.  Once the interval is over, the next caller probes the
+        server (and the interval starts again for the others).
+        """
+        failed = self._poolFailedAt
+        if failed is None or self._closed:
+            return False
+        now = time.monotonic()
+        if now - failed < PROBE_INTERVAL:
+            return True
+        self._poolFailedAt = now
+        return False
+
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        cached = self._cache.get(fingerprint)
+        if cached is not None and self._poolDown():
+            # In an outage, a key in the cache is answered from it at once,
+            # rather than after waiting for the pool to connect.
+            self._cache.move_to_end(fingerprint)
+            return succeed(cached)
+        return self._lookup(fingerprint)
+
+    def _lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        """
+        Read C{fingerprint}'s record from the server (from the cache only if
+        the server cannot be reached).
+        """
         counts = self._reading([fingerprint])
 
         def query(cursor: Cursor) -> KeyRecord | None:
@@ -1048,7 +1205,7 @@ class PostgreSQLStore:
             self._cache.move_to_end(fingerprint)
             return cached
 
-        looking: Deferred[Any] = self._run(query)
+        looking: Deferred[Any] = self._run(query, transaction=False)
         looking.addCallbacks(found, unavailable)
         return looking.addBoth(lambda result: self._doneReading([fingerprint], result))
 
@@ -1348,7 +1505,13 @@ class PostgreSQLStore:
                     where=self.where,
                 )
 
-        return self._run(count).addErrback(dropped)
+        if self._poolDown():
+            # Not worth waiting for a connection: drop it at once.
+            unavailable: Deferred[None] = fail(
+                StoreUnavailable(f"the trust store {self.where} is unavailable")
+            )
+            return unavailable.addErrback(dropped)
+        return self._run(count, transaction=False).addErrback(dropped)
 
     # IKnownServices
 
@@ -1361,7 +1524,7 @@ class PostgreSQLStore:
             row = cursor.fetchone()
             return None if row is None else pinOf(row)
 
-        return self._run(query)
+        return self._run(query, transaction=False)
 
     def pinnedService(self, org: str, service: str) -> Deferred[list[Pin]]:
         return self._all(
@@ -1395,14 +1558,14 @@ class PostgreSQLStore:
             )
             return pin
 
-        return self._run(insert)
+        return self._run(insert, transaction=False)
 
     def unpin(self, address: str) -> Deferred[bool]:
         def delete(cursor: Cursor) -> bool:
             cursor.execute("DELETE FROM known_services WHERE address = %s", (address,))
             return bool(cursor.rowcount)
 
-        return self._run(delete)
+        return self._run(delete, transaction=False)
 
     def _all(
         self,
@@ -1414,4 +1577,4 @@ class PostgreSQLStore:
             cursor.execute(sql.encode(), parameters)
             return [convert(row) for row in cursor.fetchall()]
 
-        return self._run(query)
+        return self._run(query, transaction=False)
