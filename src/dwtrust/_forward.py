@@ -16,6 +16,17 @@ from twisted.internet.interfaces import IStreamClientEndpoint, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._identity import PeerIdentity
+from ._machine import Refusal
+from ._protocol import IBeforeAccept
+from ._wire import ErrorCode
+
+#: The start of the message of the C{unavailable} refusal a daemon sends when
+#: it trusts the peer but cannot reach the application behind it (see
+#: C{docs/protocol.rst}); clients may tell it from other refusals by it.
+APPLICATION_DOWN = "the application behind this service cannot be reached"
 
 
 class _Relay(Protocol):
@@ -32,17 +43,23 @@ class _Relay(Protocol):
         self._peer.localConnected(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self._peer.transport.write(data)
+        self._peer.localData(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._peer.transport.loseConnection()
+        self._peer.localLost()
 
 
+@implementer(IBeforeAccept)
 class ForwardingProtocol(Protocol):
     """
-    Relays an authenticated connection to C{factory.target}.  Until the local
-    connection is up, bytes from the peer are kept and the peer is not read
-    from.
+    Relays an authenticated connection to C{factory.target}.
+
+    Behind a dwtrust server, the local connection is made once the peer is
+    trusted and before it is accepted (L{beforeAccept}): if no endpoint of
+    the application can be reached, the peer is refused with C{unavailable}
+    and a message starting with L{APPLICATION_DOWN}, rather than accepted
+    and then closed.  Connected otherwise, it makes the local connection
+    first, keeping bytes from the peer and not reading from it meanwhile.
     """
 
     factory: ForwardingFactory
@@ -52,11 +69,44 @@ class ForwardingProtocol(Protocol):
     def __init__(self) -> None:
         self._pending: list[bytes] = []
         self._local: ITransport | None = None
+        self._localGone = False
         self._connecting: Deferred[Any] | None = None
+        self._ready: Deferred[None] | None = None
+        self._gated = False
         self._closed = False
+        self.transport = None
+
+    def beforeAccept(self, peer: PeerIdentity) -> Deferred[None]:
+        """
+        Reach the application before the peer is accepted.
+        """
+        self._gated = True
+        self._ready = Deferred(lambda _: self._giveUp())
+        self._peerName = peer.name
+        self._start()
+        return self._ready
+
+    def _giveUp(self) -> None:
+        # The handshake failed while we were getting ready.
+        self._ready = None
+        self._closed = True
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        if self._local is not None:
+            self._local.loseConnection()
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()
+        if not self._gated:
+            self.transport.pauseProducing()
+            self._start()
+            return
+        if self._local is None or self._localGone:
+            self.transport.loseConnection()
+            return
+        self._splice()
+
+    def _start(self) -> None:
         relays = Factory.forProtocol(lambda: _Relay(self))
         relays.noisy = False
         self._relays = relays
@@ -73,6 +123,16 @@ class ForwardingProtocol(Protocol):
             local.loseConnection()
             return
         self._local = local
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            # Accepting the peer connects us (see connectionMade).
+            ready.callback(None)
+            return
+        self._splice()
+
+    def _splice(self) -> None:
+        local = self._local
+        assert local is not None
         for data in self._pending:
             local.write(data)
         self._pending = []
@@ -80,6 +140,15 @@ class ForwardingProtocol(Protocol):
         local.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         self.transport.registerProducer(local, True)
         self.transport.resumeProducing()
+
+    def localData(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def localLost(self) -> None:
+        self._localGone = True
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _connected(self, relay: object) -> None:
         self._connecting = None
@@ -97,7 +166,17 @@ class ForwardingProtocol(Protocol):
         if self._targets and not self._closed:
             self._connect()
             return
-        self.transport.loseConnection()
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.errback(
+                Refusal(
+                    ErrorCode.unavailable,
+                    f"{APPLICATION_DOWN}; try again once it runs",
+                )
+            )
+            return
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._local is None:

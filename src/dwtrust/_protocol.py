@@ -38,7 +38,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from ._identity import Identity, PeerIdentity
 from ._limits import Admission, Limits, Refused, sourcePrefix
@@ -96,6 +96,22 @@ class HandshakeFailed(Exception):
         self.byPeer = byPeer
         who = "refused by the peer" if byPeer else "refused"
         super().__init__(f"{code.value} ({who}): {message}")
+
+
+class IBeforeAccept(Interface):
+    """
+    An application protocol that must be ready before a server accepts its
+    peer: the server asks it once the peer is trusted, and sends C{ACCEPT}
+    only when it is ready, or refuses the peer with the L{Refusal} it fails
+    with (anything else gives C{unavailable}).  The protocol is connected
+    only after C{ACCEPT}, as any other.
+    """
+
+    def beforeAccept(peer: PeerIdentity) -> Deferred[None]:
+        """
+        Get ready to serve C{peer}; fire when ready, or fail with a
+        L{Refusal}.  Cancelling the result gives up (the handshake failed).
+        """
 
 
 class IAuthenticatedTransport(ITransport):
@@ -522,6 +538,16 @@ class HandshakeProtocol(Protocol):
         )
 
         def trusted(_: object) -> None:
+            gate = IBeforeAccept(self._application, None)
+            if gate is None or self._factory.isClient:
+                accepted(None)
+                return
+            # The application may still refuse, before ACCEPT: a daemon
+            # whose application cannot be reached says so.
+            ready = self._decision = gate.beforeAccept(peer)
+            ready.addCallbacks(accepted, refused)
+
+        def accepted(_: object) -> None:
             self._decision = None
             self._decided()
             self._machine.trusted()

@@ -103,12 +103,9 @@ class Mapping:
                     " add --connect-public if that is meant"
                 )
         try:
-            clientFromString(reactor, self.remoteDescription)
-        except (ValueError, KeyError, TypeError) as e:
-            raise SidecarError(
-                f"--connect: bad remote {self.remote!r} (HOST:PORT, [V6]:PORT or"
-                f" a client endpoint description without '='): {e}"
-            ) from None
+            remoteEndpoint(reactor, self.remote)
+        except SidecarError as e:
+            raise SidecarError(f"--connect: bad remote {e}") from None
         return (
             self
             if local == self.local
@@ -130,13 +127,53 @@ def _isLoopback(interface: str) -> bool:
 def remoteDescription(remote: str) -> str:
     """
     The client endpoint description for C{HOST:PORT} or C{[V6]:PORT}; any
-    other text is taken to be a description already.
+    other text is taken to be a description already (L{remoteEndpoint}
+    checks it).
     """
     match = _HOST_PORT.match(remote)
     if match is None:
         return remote
     host = match.group("v6") or match.group("host")
-    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={match.group('port')}"
+    port = match.group("port")
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+def remoteEndpoint(reactor: Any, remote: str) -> IStreamClientEndpoint:
+    """
+    The client endpoint for C{HOST:PORT}, C{[V6]:PORT} or a client endpoint
+    description.
+
+    @raise SidecarError: with one plain sentence naming C{remote}, if it is
+        none of those, or its port is out of range.
+    """
+    if ":" not in remote:
+        raise SidecarError(
+            f"{remote!r} has no port: give HOST:PORT (or [V6ADDRESS]:PORT)"
+        )
+    description = remoteDescription(remote)
+    try:
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, description)
+    except ValueError as e:
+        if str(e).startswith("Unknown endpoint type"):
+            raise SidecarError(
+                f"{remote!r} is neither HOST:PORT nor a client endpoint"
+                " description: give HOST:PORT, with a port from 1 to 65535"
+            ) from None
+        raise SidecarError(_badDescription(remote)) from None
+    except (KeyError, TypeError, IndexError):
+        raise SidecarError(_badDescription(remote)) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 < port < 65536:
+        raise SidecarError(f"{remote!r}: the port {port} is out of range (1 to 65535)")
+    return endpoint
+
+
+def _badDescription(remote: str) -> str:
+    return (
+        f"{remote!r} is not a usable client endpoint description: an argument"
+        " is missing, unknown or malformed (for TCP, give HOST:PORT or"
+        " tcp:host=HOST:port=PORT)"
+    )
 
 
 class _Remote(Protocol):

@@ -5,6 +5,7 @@ The C{dwtrust} command.
     dwtrust show --identity DIR [--json]
     dwtrust connect --identity DIR [--strict] [--expect ORG/NAME] HOST:PORT
     dwtrust forget --identity DIR HOST:PORT
+    dwtrust pin --identity DIR [--replace] HOST:PORT PUBKEY_FILE
     dwtrust instantiate --identity CLIENT_DIR --server-identity NEW_SERVER_DIR
         --org ORG --service NAME [--algorithm ALG] [--store CLIENT_STORE]
 
@@ -45,17 +46,16 @@ from ..provisioning import JoinError, JoinRefused, KeyRequestRefused
 from ..store import StoreError
 from ._admin import AddOwnerOptions, MigrateOptions, _addOwner, migrate
 from ._common import FAILED, OK, REFUSED, USAGE, CommandError, isoTime
-from ._keys import (
+from ._connect import (
     ConnectOptions,
     ForgetOptions,
-    KeygenOptions,
-    ShowOptions,
-    _connect,
+    PinOptions,
     _explainRefusal,
     _forget,
-    keygen,
-    show,
+    _pin,
+    connect,
 )
+from ._keys import KeygenOptions, ShowOptions, keygen, show
 from ._owners import (
     ApproveOptions,
     BlockOptions,
@@ -97,6 +97,7 @@ class Options(usage.Options):
         ["show", None, ShowOptions, "Show an identity."],
         ["connect", None, ConnectOptions, "Connect to a dwtrust service."],
         ["forget", None, ForgetOptions, "Forget a pinned server key."],
+        ["pin", None, PinOptions, "Pin a server's key before connecting."],
         ["pending", None, PendingOptions, "List the requests owners must decide."],
         ["approve", None, ApproveOptions, "Approve a key (signed, as an owner)."],
         ["deny", None, DenyOptions, "Deny a key (signed, as an owner)."],
@@ -132,7 +133,11 @@ def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
 
     def main(reactor: Any) -> Deferred[None]:
         if isinstance(options, ConnectOptions):
-            running: Deferred[Any] = Deferred.fromCoroutine(_connect(reactor, options))
+            running: Deferred[Any] = Deferred.fromCoroutine(
+                connect(reactor, options, err)
+            )
+        elif isinstance(options, PinOptions):
+            running = Deferred.fromCoroutine(_pin(options, out))
         elif isinstance(options, _ControlOptions):
             running = Deferred.fromCoroutine(_control(reactor, options, out, err))
         elif isinstance(options, AddOwnerOptions):
