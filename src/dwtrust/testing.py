@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from zope.interface import implementer
@@ -26,6 +27,7 @@ from zope.interface import implementer
 from ._decision import SignedDecision
 from ._identity import Identity, PeerIdentity
 from ._policy import ApprovalPolicy, PinningPolicy
+from ._protocol import HandshakeProtocol
 from ._wrap import Authenticator
 from .approval import (
     ApprovalCallback,
@@ -314,18 +316,32 @@ def connectInMemory(
     Connect a wrapped client and server through memory, with real TLS, and
     run the exchange until it is quiet.
 
-    @return: the client's and the server's outermost protocols, and the pump
-        (call C{pump.flush()} after anything that sends).
+    @return: the client's and the server's protocols, as C{clientFactory}
+        and C{serverFactory} built them (each connected once its peer is
+        trusted: check C{protocol.transport}), and the pump (call
+        C{pump.flush()} after anything that sends).
     """
-    clientProtocol, serverProtocol, pump = connectedServerAndClient(
-        lambda: server.wrapServerFactory(serverFactory).buildProtocol(_PEER),
-        lambda: client.wrapClientFactory(clientFactory, address).buildProtocol(_PEER),
-        greet=False,
-        clock=clock,
+    serverTLS = server.wrapServerFactory(serverFactory).buildProtocol(_PEER)
+    clientTLS = client.wrapClientFactory(clientFactory, address).buildProtocol(_PEER)
+    assert clientTLS is not None and serverTLS is not None
+    # Taken now: TLS lets go of the protocol it wraps once the connection is
+    # lost, as a refused one is during the exchange.
+    applications = _application(clientTLS), _application(serverTLS)
+    _, _, pump = connectedServerAndClient(
+        lambda: serverTLS, lambda: clientTLS, greet=False, clock=clock
     )
-    assert clientProtocol is not None and serverProtocol is not None
     pump.flush()
-    return clientProtocol, serverProtocol, pump
+    return applications[0], applications[1], pump
+
+
+def _application(tls: IProtocol) -> IProtocol:
+    """
+    The application's protocol under a wrapped factory's TLS protocol.
+    """
+    assert isinstance(tls, TLSMemoryBIOProtocol)
+    handshake = tls.wrappedProtocol
+    assert isinstance(handshake, HandshakeProtocol)
+    return handshake._application
 
 
 def recordDecision(

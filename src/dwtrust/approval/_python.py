@@ -4,12 +4,15 @@ Approval callbacks: a user's own Python function as an approver.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeAlias
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
-from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
 from ._interface import ApprovalRequest, Decision, IApprover
@@ -92,24 +95,87 @@ class CallableApprover:
         return _callbackFailed(self.name)
 
 
+def _importable(module: str) -> bool:
+    """
+    Whether C{module} (a dotted name) can be found, without importing it.
+    Its parent packages are imported to look, as C{import} would.
+    """
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError as e:
+        # A parent package is missing; or it imports a module that is, which
+        # importing the parent itself will report.
+        return e.name != module and not module.startswith(f"{e.name}.")
+    except Exception:
+        # A parent package fails as it imports: importing it says how.
+        return True
+
+
+def _lookInCurrentDirectory() -> None:
+    """
+    Let the current directory supply modules, as C{python -m} does, but last
+    on C{sys.path}: a file there never shadows an installed module.
+    (C{twistd} does not put the current directory on C{sys.path}.)
+    """
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+
+
 def resolveCallback(name: str) -> ApprovalCallback:
     """
     Import the approval callback called C{name} (C{package.module.callable}).
     An object that provides L{IApprover} stands for its C{requestApproval}.
 
-    @raise ValueError: if it cannot be imported, or is not callable.
+    Modules are looked for on C{sys.path}, then in the current directory (as
+    C{python -m} does; C{twistd} does not), never in front of an installed
+    module.
+
+    @raise ValueError: if it cannot be imported, or is not callable; its
+        message is one line that says which part of C{name} is missing and
+        where it was looked for.
     """
-    if not name or "." not in name:
+    parts = name.split(".")
+    if not name or len(parts) < 2 or not all(p.isidentifier() for p in parts):
         raise ValueError(
             f"the approval callback {name!r} must be a dotted name:"
             " python:package.module.callable"
         )
+    _lookInCurrentDirectory()
+    # The longest prefix of the name that is a module; the rest are
+    # attributes.  find_spec tells a missing module from a module that fails
+    # as it imports, which must not read as "not found".
+    moduleName = ""
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:end])
+        if _importable(candidate):
+            moduleName = candidate
+            break
+    if not moduleName:
+        raise ValueError(
+            f"cannot import the approval callback {name!r}: there is no module"
+            f" {parts[0]!r} on the Python path or in the current directory"
+            f" ({os.getcwd()}); run the daemon from the directory that holds"
+            f" {parts[0]}, or put that directory on PYTHONPATH"
+        )
     try:
-        found = namedAny(name)
+        found: object = importlib.import_module(moduleName)
     except Exception as e:
         raise ValueError(
-            f"cannot import the approval callback {name!r}: {type(e).__name__}: {e}"
+            f"cannot import the approval callback {name!r}: importing"
+            f" {moduleName} failed: {type(e).__name__}: {e}"
         ) from None
+    where = getattr(found, "__file__", None) or moduleName
+    path = moduleName
+    for attribute in parts[len(moduleName.split(".")) :]:
+        try:
+            found = getattr(found, attribute)
+        except AttributeError:
+            raise ValueError(
+                f"cannot import the approval callback {name!r}: {path}"
+                f" ({where}) has no {attribute!r}"
+            ) from None
+        path = f"{path}.{attribute}"
     if IApprover.providedBy(found):
         method: ApprovalCallback = found.requestApproval
         return method
