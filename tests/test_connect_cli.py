@@ -163,6 +163,55 @@ def test_done(tmp_path: Path, ids: dict[str, Path], echo: EchoServer) -> None:
     }, outcome
 
 
+@contextmanager
+def answersAndCloses(reply: bytes) -> Iterator[str]:
+    """
+    An application on loopback that reads one request, writes C{reply} and
+    closes first, as an HTTP/1.0 server does; yields its C{--forward}
+    endpoint description.
+    """
+    server = socket.create_server((LOOPBACK, 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                peer, _ = server.accept()
+            except TimeoutError:
+                continue
+            with peer:
+                peer.settimeout(DEADLINE)
+                peer.recv(65536)
+                peer.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp:host={LOOPBACK}:port={server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_applicationClosesFirst(tmp_path: Path, ids: dict[str, Path]) -> None:
+    """
+    When the application answers and closes first, the daemon ends the TLS
+    session cleanly (C{close_notify}), so the client sees the whole answer,
+    an orderly end, and exits 0, not "the connection was cut".
+    """
+    reply = b"HTTP/1.0 200 OK\r\n\r\nhello from the ledger\n"
+    with (
+        answersAndCloses(reply) as application,
+        ownerDaemon(tmp_path, ids, application, "--approver", "auto") as daemon,
+    ):
+        result = connect(ids["billing"], daemon.address, "--json", input=b"GET /\n")
+    assertExit(result, 0)
+    assert result.stdout == reply, str(result)
+    assert jsonOutcome(result.stderr)["outcome"] == "done", result.stderr
+
+
 def test_applicationDown(tmp_path: Path, ids: dict[str, Path]) -> None:
     """
     When the application behind the daemon cannot be reached, the daemon

@@ -148,6 +148,9 @@ class ForwardingProtocol(Protocol):
     def localLost(self) -> None:
         self._localGone = True
         if self.transport is not None:
+            # The TLS layer waits for its producer (the local connection,
+            # gone now) to be unregistered before it sends close_notify.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _connected(self, relay: object) -> None:
