@@ -280,7 +280,7 @@ class ShowTests(SynchronousTestCase):
                 "service": "ledger",
                 "algorithm": "ecdsa-sha2-nistp384",
                 "fingerprint": identity.fingerprint,
-                "public_key": identity.publicKey.openssh("acme/ledger"),
+                "publicKey": identity.publicKey.openssh("acme/ledger"),
             },
         )
 

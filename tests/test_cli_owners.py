@@ -50,6 +50,7 @@ from dwtrust.cli import (
     main,
     resolve,
 )
+from dwtrust.cli._owners import messageJSON
 from dwtrust.control import (
     ControlBus,
     ControlMessage,
@@ -324,7 +325,30 @@ class JSONTests(SynchronousTestCase):
         entry = pendingEntry("3f2a9c01de", FP_A)
         self.assertEqual(
             listingJSON("pending", Listing((entry,), 3), "acme/ledger"),
-            {"service": "acme/ledger", "total": 3, "omitted": 2, "pending": [entry]},
+            {
+                "service": "acme/ledger",
+                "total": 3,
+                "omitted": 2,
+                "pending": [
+                    {
+                        "requestId": "3f2a9c01de",
+                        "peer": {
+                            "organization": "acme",
+                            "service": "billing",
+                            "algorithm": "ssh-ed25519",
+                            "fingerprint": FP_A,
+                            "publicKey": "ssh-ed25519 AAAA acme/billing",
+                        },
+                        "source": "10.1.2.3:40000",
+                        "firstSeen": T0,
+                        "lastSeen": T0 + 60,
+                        "attempts": 3,
+                        "expires": T0 + 86400,
+                        "knownKeys": [],
+                        "knownKeysOmitted": 0,
+                    }
+                ],
+            },
         )
 
     def test_decision(self) -> None:
@@ -340,13 +364,16 @@ class JSONTests(SynchronousTestCase):
             {
                 "service": "acme/ledger",
                 "state": "denied",
-                "fingerprint": subject.fingerprint,
-                "org": "acme",
-                "peerService": "billing",
-                "algorithm": "ssh-ed25519",
+                "peer": {
+                    "organization": "acme",
+                    "service": "billing",
+                    "algorithm": "ssh-ed25519",
+                    "fingerprint": subject.fingerprint,
+                },
+                "requestId": None,
                 "decidedAt": int(T0),
                 "reason": "no",
-                "signer": owner.fingerprint,
+                "decidedBy": owner.fingerprint,
                 "serviceKey": "SHA256:ledger",
                 "sequence": 3,
             },
@@ -418,13 +445,12 @@ class DecideCommandTests(ControlTestCase):
         """
         prefix = self.billingNew.fingerprint[7:15]
         result = json.loads(self.decide("approve", "--json", "--reason", "ok", prefix))
-        self.assertEqual(sorted(result), ["decision", "peer", "requestId"])
         self.assertEqual(result["requestId"], "3f2a9c01de")
         self.assertEqual(
-            (result["decision"]["state"], result["decision"]["signer"]),
-            ("approved", self.owner.fingerprint),
+            (result["state"], result["decidedBy"], result["stored"]),
+            ("approved", self.owner.fingerprint, True),
         )
-        self.assertEqual(result["peer"]["state"], "approved")
+        self.assertEqual(result["peer"]["fingerprint"], self.billingNew.fingerprint)
         stored = self.successResultOf(self.store.lookup(self.billingNew.fingerprint))
         assert stored is not None
         self.assertEqual(SignedDecision.decode(stored.decision).reason, "ok")
@@ -433,7 +459,7 @@ class DecideCommandTests(ControlTestCase):
         """
         A key with no pending request is found among the decided ones.
         """
-        out = self.decide("block", self.billing.fingerprint[:12])
+        out = self.decide("block", self.billing.fingerprint[:15])
         self.assertTrue(out.startswith("blocked acme/billing"), out)
         self.assertIn("for acme/ledger", out)
         self.assertEqual(
@@ -452,7 +478,7 @@ class DecideCommandTests(ControlTestCase):
         self.assertEqual(self.store.peers[self.billing.fingerprint], before)
 
     def test_deny(self) -> None:
-        self.decide("deny", "3F2A")
+        self.decide("deny", "--yes", "3F2A")
         self.assertEqual(
             self.store.peers[self.billingNew.fingerprint].state, KeyState.denied
         )
@@ -467,11 +493,11 @@ class DecideCommandTests(ControlTestCase):
         shared = self.billing.fingerprint[7:17]
         other = peerOf(makeIdentity("acme", "payroll"))
         self.addPending(other, shared)
-        self.decide("revoke", shared[:6])
+        self.decide("revoke", shared[:8])
         self.assertEqual(
             self.store.peers[self.billing.fingerprint].state, KeyState.revoked
         )
-        self.decide("deny", shared[:6])
+        self.decide("deny", shared[:8])
         self.assertEqual(self.store.peers[other.fingerprint].state, KeyState.denied)
 
 
@@ -591,7 +617,7 @@ class RealCommandTests(TestCase):
             (listed["service"], listed["total"], listed["omitted"]),
             ("acme/ledger", 1, 0),
         )
-        self.assertEqual(listed["pending"][0]["id"], "3f2a9c01de")
+        self.assertEqual(listed["pending"][0]["requestId"], "3f2a9c01de")
 
         status, out, err = await self.dwtrust(
             "approve", "--reason", "the new billing box", "--json", "3f2a"
@@ -599,7 +625,7 @@ class RealCommandTests(TestCase):
         self.assertEqual((status, err), (OK, ""))
         result = json.loads(out)
         self.assertEqual(result["requestId"], "3f2a9c01de")
-        self.assertEqual(result["peer"]["state"], "approved")
+        self.assertEqual(result["state"], "approved")
         decision = self.successResultOf(waiting)
         self.assertEqual(
             (decision.state, decision.signer, decision.reason),
@@ -619,7 +645,7 @@ class RealCommandTests(TestCase):
         self.assertIn("approved", out)
         self.assertIn(self.owner.fingerprint, out)
 
-        status, out, err = await self.dwtrust("revoke", self.peer.fingerprint[:14])
+        status, out, err = await self.dwtrust("revoke", self.peer.fingerprint[:15])
         self.assertEqual((status, err), (OK, ""))
         self.assertTrue(out.startswith("revoked acme/billing"), out)
         stored = self.successResultOf(self.store.lookup(self.peer.fingerprint))
@@ -703,7 +729,16 @@ class RealCommandTests(TestCase):
         )
         self.bus.publish(message)
         await arrived
-        self.assertEqual(ControlMessage.fromJSON(json.loads(lines[0])), message)
+        self.assertEqual(json.loads(lines[0]), messageJSON(message))
+        self.assertEqual(
+            json.loads(lines[0])["peer"],
+            {
+                "organization": "acme",
+                "service": "billing",
+                "algorithm": "",
+                "fingerprint": self.peer.fingerprint,
+            },
+        )
         os.kill(child.transport.pid, signal.SIGINT)  # type: ignore[union-attr]
         self.assertEqual(await child.ended, OK, child.err)
 

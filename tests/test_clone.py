@@ -252,9 +252,9 @@ def test_cloneServesAsTheSameService(site: Site, echo: EchoServer) -> None:
             "--json",
         )
         assert pending.returncode == 0, describe(pending)
-        assert [e["fingerprint"] for e in json.loads(pending.stdout)["pending"]] == [
-            site.fingerprints["stranger"]
-        ]
+        assert [
+            e["peer"]["fingerprint"] for e in json.loads(pending.stdout)["pending"]
+        ] == [site.fingerprints["stranger"]]
 
 
 def test_tokenWorksOnce(site: Site, echo: EchoServer) -> None:

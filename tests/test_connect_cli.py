@@ -485,11 +485,11 @@ def test_unknownHost(ids: dict[str, Path]) -> None:
         (["tcp:host=127.0.0.1:port=99999"], "the port 99999 is out of range"),
         (["tcp:host=127.0.0.1:port=x"], "is not a usable client endpoint"),
         (["nope:thing"], "is neither HOST:PORT nor a client endpoint description"),
-        (["--timeout", "-5", "127.0.0.1:7443"], "--timeout must be a positive"),
-        (["--timeout", "0", "127.0.0.1:7443"], "--timeout must be a positive"),
-        (["--timeout", "inf", "127.0.0.1:7443"], "--timeout must be a positive"),
-        (["--timeout", "soon", "127.0.0.1:7443"], "--timeout must be a positive"),
-        (["--quit-after", "-1", "127.0.0.1:7443"], "--quit-after must be"),
+        (["--timeout", "-5", "127.0.0.1:7443"], "--timeout: invalid value"),
+        (["--timeout", "0", "127.0.0.1:7443"], "--timeout: invalid value"),
+        (["--timeout", "inf", "127.0.0.1:7443"], "--timeout: invalid value"),
+        (["--timeout", "soon", "127.0.0.1:7443"], "--timeout: invalid value"),
+        (["--quit-after", "-1", "127.0.0.1:7443"], "--quit-after: invalid value"),
         (
             ["--expect-fingerprint", "SHA256:abc", "127.0.0.1:7443"],
             "is not a SHA256:... fingerprint",
@@ -503,8 +503,10 @@ def test_usageErrors(ids: dict[str, Path], arguments: list[str], message: str) -
     """
     result = connect(ids["billing"], *arguments[-1:], *arguments[:-1])
     assertExit(result, 2, message)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("dwtrust: ") and message in last, str(result)
+    error, hint = result.stderr.strip().splitlines()
+    assert error.startswith("dwtrust connect: error: "), str(result)
+    assert message in error, str(result)
+    assert hint == "Try 'dwtrust connect --help'.", str(result)
     for internal in ["Unknown endpoint type", "connect_ex", "__init__", "int()"]:
         assert internal not in result.stderr, str(result)
 

@@ -287,7 +287,7 @@ def test_daemonCreatesIdentity(tmp_path: Path) -> None:
     )
     assert facts["fingerprint"] == created.group(1) == listening.group(1)
     assert (identity / (PRIVATE_KEY + ".pub")).read_text().split()[:2] == facts[
-        "public_key"
+        "publicKey"
     ].split()[:2]
 
     log = daemon.log()

@@ -126,8 +126,9 @@ def test_pendingKeySwitchingNames(site: Site, echo: EchoServer) -> None:
         switched = renamed(site, "billing", "acme", "admin")
         assertRefused(site.connect(switched, daemon), "identity_changed")
         [request] = site.pending()
-        assert (request["org"], request["service"]) == ("acme", "billing")
-        site.decide("approve", request["id"])
+        peer = request["peer"]
+        assert (peer["organization"], peer["service"]) == ("acme", "billing")
+        site.decide("approve", request["requestId"])
         assertConnected(finish(held))
         # Approved as acme/billing, the key still cannot be acme/admin.
         assertRefused(site.connect(switched, daemon), "identity_changed")

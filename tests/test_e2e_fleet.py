@@ -9,6 +9,7 @@ under them.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shutil
@@ -197,7 +198,10 @@ class Fleet:
     def peers(self, daemon: Daemon) -> dict[str, str]:
         done = self.owner(daemon, "peers", "--json")
         assert done.returncode == 0, describe(done)
-        return {e["fingerprint"]: e["state"] for e in json.loads(done.stdout)["peers"]}
+        return {
+            e["peer"]["fingerprint"]: e["state"]
+            for e in json.loads(done.stdout)["peers"]
+        }
 
     def connect(self, name: str, daemon: Daemon) -> Any:
         return connect(self.identities[name], daemon.address, input=HELLO)
@@ -225,6 +229,13 @@ class Fleet:
         path = daemon.directory / "audit.jsonl"
         events = [json.loads(line) for line in path.read_text().splitlines()]
         return [e for e in events if e.get("event") == event]
+
+
+def auditTime(event: dict[str, Any]) -> float:
+    """
+    When an audit event happened, from its ISO 8601 C{time}, in POSIX seconds.
+    """
+    return datetime.datetime.fromisoformat(event["time"]).timestamp()
 
 
 class Session:
@@ -329,8 +340,8 @@ def test_approveAndRevokeAcrossThreeInstances(
         held = fleet.startConnect("billing", second)
         requested(second, billing)
         [entry] = fleet.pending(third)
-        assert entry["fingerprint"] == billing, entry
-        approved = fleet.decide(first, "approve", entry["id"])
+        assert entry["peer"]["fingerprint"] == billing, entry
+        approved = fleet.decide(first, "approve", entry["requestId"])
         assert f"approved acme/billing {billing}" in approved, approved
         assertConnected(finish(held))
         for result in fleet.connectAll("billing", [first, third]):
@@ -356,7 +367,7 @@ def test_approveAndRevokeAcrossThreeInstances(
                 rf"closed 1 session\(s\) of {re.escape(billing)}, now revoked"
             )
             [closed] = fleet.audited(daemon, "dwtrust.sessions_closed")
-            delays.append(closed["log_time"] - stored["log_time"])
+            delays.append(auditTime(closed) - auditTime(stored))
         print(f"revocation reached the three instances after {delays} s")
         assert max(delays) < REVOCATION_BOUND, delays
 
@@ -392,17 +403,17 @@ def test_racingInstancesMakeOneRequest(
             "both attempts to be counted",
         )
         [one], [other] = fleet.pending(first), fleet.pending(second)
-        assert one["id"] == other["id"], (one, other)
-        assert one["fingerprint"] == payroll, one
+        assert one["requestId"] == other["requestId"], (one, other)
+        assert one["peer"]["fingerprint"] == payroll, one
         created = [
             e
             for d in (first, second)
             for e in fleet.audited(d, "dwtrust.store.pending_created")
         ]
-        assert [e["request_id"] for e in created] == [one["id"]], created
+        assert [e["request_id"] for e in created] == [one["requestId"]], created
         assert postgres.sql(database, "SELECT COUNT(*) FROM peers") == [(1,)]
 
-        fleet.decide(second, "approve", one["id"])
+        fleet.decide(second, "approve", one["requestId"])
         for process in held:
             assertConnected(finish(process))
         assert requests(first, payroll) == requests(second, payroll) == 1

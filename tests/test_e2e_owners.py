@@ -208,7 +208,8 @@ class Site:
         listing = self.listing("peers")
         assert listing["omitted"] == 0, listing
         return {
-            e["fingerprint"]: (e["state"], e["decidedBy"]) for e in listing["peers"]
+            e["peer"]["fingerprint"]: (e["state"], e["decidedBy"])
+            for e in listing["peers"]
         }
 
     def decide(self, command: str, target: str, who: str = "alice") -> str:
@@ -378,12 +379,15 @@ def test_approveHeldConnection(site: Site, echo: EchoServer) -> None:
         assert held.poll() is None, "the client was not held"
 
         [entry] = site.pending()
-        assert entry["fingerprint"] == billing, entry
-        assert (entry["org"], entry["service"]) == ("acme", "billing"), entry
-        assert entry["algorithm"] == "ssh-ed25519", entry
+        assert entry["peer"]["fingerprint"] == billing, entry
+        assert (entry["peer"]["organization"], entry["peer"]["service"]) == (
+            "acme",
+            "billing",
+        ), entry
+        assert entry["peer"]["algorithm"] == "ssh-ed25519", entry
         assert re.fullmatch(SOURCE, entry["source"]), entry
         assert entry["attempts"] == 1, entry
-        requestId = entry["id"]
+        requestId = entry["requestId"]
         assert re.fullmatch(r"[0-9a-f]{10}", requestId), entry
 
         text = site.owner("pending")
@@ -434,7 +438,7 @@ def test_deny(site: Site, echo: EchoServer) -> None:
         held = site.start_connect("billing", daemon)
         requested(daemon, billing)
         [entry] = site.pending()
-        denied = site.decide("deny", entry["id"])
+        denied = site.decide("deny", entry["requestId"])
         assert f"denied acme/billing {billing}" in denied, denied
         assertRefused(finish(held), "denied")
 
@@ -536,14 +540,17 @@ def test_identityChanged(site: Site, echo: EchoServer) -> None:
         kinds = [m["kind"] for m in seen]
         assert kinds.count("identity_changed") == 1, seen
         [alert] = [m for m in seen if m["kind"] == "identity_changed"]
-        assert alert["fingerprint"] == impostor, alert
-        assert alert["knownKeys"] == [billing], alert
-        assert (alert["org"], alert["peerService"]) == ("acme", "billing"), alert
+        assert alert["peer"]["fingerprint"] == impostor, alert
+        assert alert["knownKeys"] == [{"fingerprint": billing}], alert
+        assert (alert["peer"]["organization"], alert["peer"]["service"]) == (
+            "acme",
+            "billing",
+        ), alert
         assert alert["service"] == LEDGER, alert
         assert re.fullmatch(SOURCE, alert["source"]), alert
         # The watch saw the approval flow too, and no request for the new key.
         requestsSeen = [
-            m["fingerprint"] for m in seen if m["kind"] == "approval_requested"
+            m["peer"]["fingerprint"] for m in seen if m["kind"] == "approval_requested"
         ]
         assert requestsSeen == [billing], seen
 
@@ -662,7 +669,7 @@ def test_pendingSurvivesSIGKILL(site: Site, echo: EchoServer) -> None:
         running.append(site.start_connect("payroll", first))
         for process in running:
             assertRefused(finish(process), "pending")
-        before = {e["fingerprint"]: e for e in site.pending()}
+        before = {e["peer"]["fingerprint"]: e for e in site.pending()}
         assert set(before) == {billing, payroll}, before
         assert before[billing]["attempts"] == 2, before
         assert before[payroll]["attempts"] == 1, before
@@ -670,14 +677,14 @@ def test_pendingSurvivesSIGKILL(site: Site, echo: EchoServer) -> None:
         assert first.returncode == -signal.SIGKILL
 
     with site.daemon(echo, "--decision-timeout", "2", port=port, name="d2") as daemon:
-        after = {e["fingerprint"]: e for e in site.pending()}
-        fields = ["id", "fingerprint", "org", "service", "attempts", "firstSeen"]
+        after = {e["peer"]["fingerprint"]: e for e in site.pending()}
+        fields = ["requestId", "peer", "attempts", "firstSeen"]
         assert {fp: [e[f] for f in fields] for fp, e in after.items()} == {
             fp: [e[f] for f in fields] for fp, e in before.items()
         }
-        site.decide("approve", before[billing]["id"])
+        site.decide("approve", before[billing]["requestId"])
         assertConnected(site.connect("billing", daemon))
-        assert [e["fingerprint"] for e in site.pending()] == [payroll]
+        assert [e["peer"]["fingerprint"] for e in site.pending()] == [payroll]
         assert requests(daemon, billing) == 0, daemon.log()
     assert echoSizes(echo) == [len(HELLO)]
 
@@ -730,7 +737,7 @@ def test_flood(site: Site, echo: EchoServer) -> None:
         assert len(pending) == limit, pending
         assert sorted(outcomes) == ["pending", "unavailable"], outcomes
         assert len(outcomes["pending"]) == len(pending), (outcomes, pending)
-        assert {e["fingerprint"] for e in pending} == {
+        assert {e["peer"]["fingerprint"] for e in pending} == {
             site.fp(n) for n in outcomes["pending"]
         }
 

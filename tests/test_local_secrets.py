@@ -115,7 +115,7 @@ def test_cloneRefusesArgvToken(site: Site, echo: EchoServer) -> None:
         done = run_cli("clone", "--join", token, "--identity", str(site.path("argv")))
         assert done.returncode == 2, describe(done)
         err = done.stderr.decode()
-        [line] = [x for x in err.splitlines() if x.startswith("dwtrust: ")]
+        [line] = [x for x in err.splitlines() if x.startswith("dwtrust clone: error: ")]
         assert "--join-file PATH" in line and "chmod 600" in line, err
         assert "can be read by every local user" in line, err
         assert token not in err + done.stdout.decode(), err
@@ -129,7 +129,7 @@ def test_cloneRefusesArgvToken(site: Site, echo: EchoServer) -> None:
 
 def test_twistdRefusesArgvToken(site: Site, echo: EchoServer) -> None:
     """
-    C{twistd dwtrust --join TOKEN} exits with twistd's usage status (1) and
+    C{twistd dwtrust --join TOKEN} exits with the usage status (2) and
     a message that says how to pass the token, before anything is written
     or dialled; the token still works afterwards.
     """
@@ -151,7 +151,7 @@ def test_twistdRefusesArgvToken(site: Site, echo: EchoServer) -> None:
             cwd=site.base,
         )
         output = (done.stdout + done.stderr).decode()
-        assert done.returncode == 1, describe(done)
+        assert done.returncode == 2, describe(done)
         assert "a token on the command line can be read by every local user" in (
             output
         ), output
@@ -196,7 +196,7 @@ def test_joinFileReadableByOthersRefused(site: Site, echo: EchoServer) -> None:
             cwd=site.base,
         )
         output = (done.stdout + done.stderr).decode()
-        assert done.returncode == 1, describe(done)
+        assert done.returncode == 2, describe(done)
         assert "has mode 0644, so others can read it" in output, output
         assert token not in output
         assertNothingWritten(site.path("t"))
@@ -322,7 +322,7 @@ def test_reusedTokenTellsOwners(site: Site, echo: EchoServer) -> None:
     assert alert["source"].startswith(f"{LOOPBACK}:"), alert
     [reused] = [e for e in site.audited() if e.get("event") == "dwtrust.join.reused"]
     [cloned] = [e for e in site.audited() if e.get("event") == "dwtrust.join.cloned"]
-    assert reused["fingerprint"] == alert["fingerprint"], (reused, alert)
+    assert reused["fingerprint"] == alert["peer"]["fingerprint"], (reused, alert)
     assert reused["used_by"] == cloned["fingerprint"], (reused, cloned)
     assert reused["fingerprint"] != cloned["fingerprint"], reused
     assert reused["source"] == alert["source"], (reused, alert)
@@ -437,7 +437,7 @@ def test_webhookAuthFromFile(site: Site, echo: EchoServer) -> None:
             cwd=site.base,
         )
         output = (done.stdout + done.stderr).decode()
-        assert done.returncode == 1, describe(done)
+        assert done.returncode == 2, describe(done)
         assert (
             "has mode 0640, so others can read it; make it yours alone with"
             f" chmod 600 {authFile}" in output
@@ -656,7 +656,7 @@ def test_sidecarPublicNeedsOption(tmp_path: Path, made: dict[str, Any]) -> None:
         cwd=tmp_path,
     )
     output = (done.stdout + done.stderr).decode()
-    assert done.returncode == 1, describe(done)
+    assert done.returncode == 2, describe(done)
     assert "listens on 0.0.0.0, not loopback" in output, output
     assert "add --connect-public if that is meant" in output, output
     assert "Traceback" not in output, output

@@ -89,9 +89,10 @@ class RouterSite(Site):
         daemon.wait_for_log(r"asks for acme/ledger's key \(request")
         requests = self.keyRequests()
         assert len(requests) == 1, requests
-        assert requests[0]["fingerprint"] == self.fingerprints["router"], requests
-        assert requests[0]["org"] == "acme" and requests[0]["service"] == "edge-router"
-        requestId: str = requests[0]["id"]
+        peer = requests[0]["peer"]
+        assert peer["fingerprint"] == self.fingerprints["router"], requests
+        assert peer["organization"] == "acme" and peer["service"] == "edge-router"
+        requestId: str = requests[0]["requestId"]
         return requestId
 
     def events(self, name: str) -> list[dict[str, Any]]:
@@ -276,7 +277,7 @@ def test_routerCannotApproveItself(
         selfApproved = site.owner("approve", requestId, who="router")
         assert selfApproved.returncode == 3, describe(selfApproved)
         assert b"not a registered owner" in selfApproved.stderr
-        assert [r["id"] for r in site.keyRequests()] == [requestId]
+        assert [r["requestId"] for r in site.keyRequests()] == [requestId]
         process.send_signal(signal.SIGKILL)
         done = finishRequest(process, errors)
     site.assertNothingDelivered(done)

@@ -144,7 +144,7 @@ def test_connectBadEndpoint(tmp_path: Path, mapping: str, message: str) -> None:
     with pytest.raises(SystemExit) as raised:
         makeService(parse("--identity", str(identity), "--connect", mapping))
     text = str(raised.value)
-    assert text.startswith("twistd dwtrust: --connect: "), text
+    assert text.startswith("twistd dwtrust: error: --connect: "), text
     assert message in text, text
     assert "\n" not in text
     assert not identity.exists()

@@ -215,7 +215,9 @@ class OptionsTests(SynchronousTestCase):
                 [f"--decision-timeout={value}"],
                 "is not a positive number of seconds",
             )
-        self.assertUsageError(["--timeout=soon"], "could not convert")
+        self.assertUsageError(
+            ["--timeout=soon"], "--timeout: invalid value 'soon'", "positive number"
+        )
 
 
 class PluginTests(SynchronousTestCase):

@@ -13,6 +13,7 @@ from ._limits import Limits
 from ._machine import Refusal
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import AuthenticatedTransport, HandshakeFailed, IAuthenticatedTransport
+from ._version import __version__
 from ._wire import ErrorCode
 from ._wrap import Authenticator, ClientEndpoint, ServerEndpoint, openAuthenticator
 
@@ -36,5 +37,6 @@ __all__ = [
     "PublicKey",
     "Refusal",
     "ServerEndpoint",
+    "__version__",
     "openAuthenticator",
 ]

@@ -6,6 +6,8 @@ that relays local connections to remote dwtrust peers.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import stat as statModule
 import subprocess
@@ -21,11 +23,12 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     Logger,
     PredicateResult,
+    formatEvent,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -36,6 +39,7 @@ from ._decision import DecisionError, Signers, readOwnerKey, registeredOwners
 from ._endpoints import quoteArgument
 from ._forward import ForwardingFactory
 from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
+from ._options import GNUOptions, count, exitForUsage, positive
 from ._policy import ApprovalPolicy, PinningPolicy
 from ._sidecar import Mapping, SidecarError, SidecarFactory
 from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
@@ -97,27 +101,12 @@ DEFAULT_SERVICE = "dwtrust"
 log = Logger()
 
 
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(f"{value} is not a positive number of seconds")
-    return number
+_positive = positive
+_count = count
 
 
-_positive.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
-
-
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value} is not a positive whole number")
-    return number
-
-
-_count.coerceDoc = "A positive whole number."  # type: ignore[attr-defined]
-
-
-class Options(usage.Options):
+class Options(GNUOptions):
+    programName = "twistd dwtrust"
     synopsis = "[options]"
     longdesc = (
         "Run the dwtrust trust daemon: listen for dwtrust connections, "
@@ -354,7 +343,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self["owners"] = []
         self["approvers"] = []
         self["connect"] = []
@@ -622,7 +611,7 @@ class _DaemonService(MultiService):
 class _AuditLog(Service):
     """
     Appends every dwtrust event (authentication attempts, decisions, control
-    messages) to a file as JSON lines.
+    messages) to a file as JSON lines: see L{auditLine}.
     """
 
     def __init__(self, path: str) -> None:
@@ -634,9 +623,9 @@ class _AuditLog(Service):
             self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
             os.chmod(path, 0o600)
         except OSError as e:
-            raise usage.UsageError(f"cannot open the audit log {path}: {e}") from None
+            raise StartupFailed(f"cannot open the audit log {path}: {e}") from None
         self._observer = FilteringLogObserver(
-            jsonFileLogObserver(self._file, recordSeparator=""),
+            FileLogObserver(self._file, auditLine),
             [_isAuditEvent],  # type: ignore[list-item]
         )
         globalLogPublisher.addObserver(self._observer)
@@ -649,6 +638,35 @@ class _AuditLog(Service):
         return super().stopService()  # type: ignore[no-untyped-call]
 
 
+#: The keys every audit line has, before the event's own fields.
+_AUDIT_ENVELOPE = ("time", "event", "level", "text")
+
+
+def auditLine(event: dict[str, Any]) -> str:
+    """
+    One audit event as one line of JSON: C{time} (ISO 8601 UTC, to the
+    millisecond), C{event} (its name), C{level}, the event's own structured
+    fields, and C{text}, the formatted message; none of Twisted's logging
+    envelope (C{log_*}, C{__class_uuid__}). A failure is its C{error} text.
+    """
+    when = datetime.datetime.fromtimestamp(event.get("log_time", 0), datetime.UTC)
+    level = event.get("log_level")
+    facts: dict[str, Any] = {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "event": event.get("event"),
+        "level": getattr(level, "name", str(level)),
+        "text": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith(("log_", "__")) or key in _AUDIT_ENVELOPE:
+            continue
+        facts[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        facts["error"] = failure.getErrorMessage()
+    return json.dumps(facts, default=str, sort_keys=False) + "\n"
+
+
 def _isAuditEvent(event: dict[str, Any]) -> PredicateResult:
     name = event.get("event")
     audit = isinstance(name, str) and name.startswith("dwtrust.")
@@ -656,16 +674,26 @@ def _isAuditEvent(event: dict[str, Any]) -> PredicateResult:
     return result
 
 
+class StartupFailed(usage.UsageError):
+    """
+    The daemon cannot start, for a reason other than its options (a join
+    refused, a file it cannot open): exit status 1, not the usage status.
+    """
+
+
 def makeService(options: Options) -> IService:
     """
     Build the daemon.  A bad option is reported as a one-line message and an
-    exit status of 1, not a traceback: twistd only handles usage errors
-    while it parses options, which is over by now.
+    exit status of 2, as while twistd parses options, not a traceback:
+    twistd only handles usage errors while it parses options, which is over
+    by now.  A L{StartupFailed} is one line too, with status 1.
     """
     try:
         return _makeService(options)
-    except usage.UsageError as e:
+    except StartupFailed as e:
         raise SystemExit(f"twistd dwtrust: {e}") from None
+    except usage.UsageError as e:
+        raise exitForUsage(options, e) from None
 
 
 def _makeService(options: Options) -> IService:
@@ -973,7 +1001,7 @@ def _join(token: str, directory: FilePath[str], store: str | None) -> None:
     )
     if cloning.returncode != 0:
         lines = cloning.stderr.strip().splitlines() or ["dwtrust clone failed"]
-        raise usage.UsageError("--join: " + " ".join(lines).removeprefix("dwtrust: "))
+        raise StartupFailed("--join: " + " ".join(lines).removeprefix("dwtrust: "))
     log.info(
         "dwtrust: joined: {directory} now holds the service's key (token {token_id})",
         event="dwtrust.join.joined",

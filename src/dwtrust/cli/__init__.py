@@ -1,7 +1,7 @@
 """
 The C{dwtrust} command.
 
-    dwtrust keygen --identity DIR --org ORG --service NAME [--algorithm ALG]
+    dwtrust keygen --identity DIR --org ORG --service NAME [--algorithm ALG] [--json]
     dwtrust show --identity DIR [--json]
     dwtrust connect --identity DIR [--strict] [--expect ORG/NAME] HOST:PORT
     dwtrust forget --identity DIR HOST:PORT
@@ -13,12 +13,15 @@ An owner's commands, over a service's control endpoint:
 
     dwtrust pending --control ENDPOINT --identity OWNER_DIR [--json]
     dwtrust approve --control ENDPOINT --identity OWNER_DIR [--reason TEXT] ID
-    dwtrust deny --control ENDPOINT --identity OWNER_DIR [--reason TEXT] ID
-    dwtrust block --control ENDPOINT --identity OWNER_DIR ID_OR_FINGERPRINT
-    dwtrust revoke --control ENDPOINT --identity OWNER_DIR FINGERPRINT
+    dwtrust deny --control ENDPOINT --identity OWNER_DIR [--reason TEXT] [--yes] ID
+    dwtrust block --control ENDPOINT --identity OWNER_DIR [--yes] ID_OR_FINGERPRINT
+    dwtrust revoke --control ENDPOINT --identity OWNER_DIR [--yes] FINGERPRINT
     dwtrust peers --control ENDPOINT --identity OWNER_DIR [--json]
     dwtrust watch --control ENDPOINT --identity OWNER_DIR [--json]
     dwtrust join-token --control ENDPOINT --identity OWNER_DIR [--ttl 10m]
+
+Options and arguments may come in any order (docs/cli.rst); a usage error
+exits 2 with one line.
 
 Provisioning (see L{dwtrust.provisioning}):
 
@@ -39,11 +42,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .._identity import IdentityError
+from .._options import GNUOptions, reportUsageError
 from .._protocol import HandshakeFailed
-from ..control import ControlFailed, DecisionRefused
+from ..control import DecisionRefused
 from ..control._protocol import NotAnOwner
-from ..provisioning import JoinError, JoinRefused, KeyRequestRefused
-from ..store import StoreError
+from ..provisioning import JoinRefused, KeyRequestRefused
 from ._admin import AddOwnerOptions, MigrateOptions, _addOwner, migrate
 from ._common import FAILED, OK, REFUSED, USAGE, CommandError, isoTime
 from ._connect import (
@@ -90,8 +93,13 @@ from ._provisioning import (
 )
 
 
-class Options(usage.Options):
-    synopsis = "COMMAND [options]"
+class Options(GNUOptions):
+    subCommands: list[list[Any]]
+    synopsis = "[--version] COMMAND [options] [arguments]"
+    longdesc = (
+        "Options and arguments may come in any order after COMMAND; -- ends"
+        " the options. Run dwtrust COMMAND --help for a command's options."
+    )
     subCommands = [
         ["keygen", None, KeygenOptions, "Create an identity."],
         ["show", None, ShowOptions, "Show an identity."],
@@ -125,7 +133,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command")
+            names = ", ".join(str(command[0]) for command in self.subCommands)
+            raise usage.UsageError(f"give a command: {names}")
 
 
 def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
@@ -170,14 +179,10 @@ def _runReactorCommand(options: usage.Options, err: TextIO, out: TextIO) -> int:
             elif failure.check(HandshakeFailed):
                 err.write(_explainRefusal(failure.value, options))  # type: ignore[arg-type]
                 status[0] = REFUSED
-            elif failure.check(
-                CommandError, IdentityError, StoreError, ControlFailed, JoinError
-            ):
-                err.write(f"dwtrust: {failure.getErrorMessage()}\n")
-                status[0] = FAILED
             else:
+                # CommandError, IdentityError, StoreError, ControlFailed,
+                # JoinError and anything unforeseen: one line, status 1.
                 err.write(f"dwtrust: {failure.getErrorMessage()}\n")
-                status[0] = FAILED
 
         return running.addCallbacks(succeeded, failed)
 
@@ -195,14 +200,11 @@ def main(
     """
     Run the C{dwtrust} command; return its exit status.
     """
-    options = Options()  # type: ignore[no-untyped-call]
+    options = Options()
     try:
-        options.parseOptions(  # type: ignore[no-untyped-call]
-            list(sys.argv[1:] if argv is None else argv)
-        )
+        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as e:
-        err.write(f"{options}\ndwtrust: {e}\n")
-        return USAGE
+        return reportUsageError(e, options, err)
     command = options.subOptions
     try:
         if isinstance(command, KeygenOptions):

@@ -13,6 +13,7 @@ from twisted.python.filepath import FilePath
 
 from .._decision import DecisionError, readOwnerKey, registerOwner
 from .._identity import Identity
+from .._options import GNUOptions
 from .._wrap import STORE_FILE
 from ..store import SQLiteStore, StoreError, migrateStore
 from ..store._open import redacted
@@ -20,7 +21,7 @@ from ._common import FAILED, OK, CommandError, _IdentityOptions
 
 
 class AddOwnerOptions(_IdentityOptions):
-    synopsis = "--identity SERVICE_DIR OWNER_PUBKEY_FILE"
+    synopsis = "[options] OWNER_PUBKEY_FILE"
     longdesc = (
         "Register an owner in a service's trust store, signed with the "
         "service's own key: the local, deliberate way to recover from lost "
@@ -40,7 +41,7 @@ class AddOwnerOptions(_IdentityOptions):
         return FilePath(self["store"] or self.directory.child(STORE_FILE).path)
 
 
-class MigrateOptions(usage.Options):
+class MigrateOptions(GNUOptions):
     synopsis = "--store PATH_OR_URL"
     longdesc = (
         "Create or upgrade the schema of a trust store: a SQLite file, or a "

@@ -9,9 +9,9 @@ import datetime
 import os
 from typing import Any
 
-from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from .._options import GNUOptions, positive
 from .._sidecar import remoteDescription
 from .._wrap import STORE_FILE
 
@@ -20,6 +20,9 @@ DEFAULT_IDENTITY = os.path.join("~", ".dwtrust")
 #: Exit statuses.
 OK, FAILED, USAGE, REFUSED = 0, 1, 2, 3
 
+#: The coercion of a positive number of seconds, for options.
+_positive = positive
+
 
 class CommandError(Exception):
     """
@@ -27,7 +30,7 @@ class CommandError(Exception):
     """
 
 
-class _IdentityOptions(usage.Options):
+class _IdentityOptions(GNUOptions):
     optParameters: list[list[Any]] = [
         ["identity", "i", DEFAULT_IDENTITY, "The identity directory."],
     ]
@@ -57,8 +60,13 @@ class _AddressOptions(_IdentityOptions):
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     scale = units.get(text[-1:].lower(), 0)
-    number = float(text[:-1] if scale else text)
-    if not number > 0:
+    try:
+        number = float(text[:-1] if scale else text)
+    except ValueError:
+        raise ValueError(
+            f"{text} is not a duration (seconds, or a number with s, m or h)"
+        ) from None
+    if not 0 < number < float("inf"):
         raise ValueError(f"{text} is not a positive duration")
     return number * (scale or 1)
 

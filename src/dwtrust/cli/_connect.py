@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import signal
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ from zope.interface import implementer
 from .._forward import APPLICATION_DOWN
 from .._identity import Identity, IdentityError, PeerIdentity, PublicKey, validateName
 from .._machine import Refusal
+from .._options import positive, seconds
 from .._policy import ITrustPolicy, PinningPolicy
 from .._protocol import HandshakeFailed, HandshakeProtocol
 from .._sidecar import SidecarError, remoteEndpoint
@@ -55,22 +55,6 @@ INTERRUPTED = 130
 HELD_NOTICE = 2.0
 
 _FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
-
-
-def _seconds(name: str, text: object, zero: bool = False) -> float:
-    """
-    C{text} as a finite number of seconds, positive (or at least 0).
-
-    @raise usage.UsageError: if it is not.
-    """
-    try:
-        value = float(str(text))
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        kind = "a number of seconds, 0 or more" if zero else "a positive number"
-        raise usage.UsageError(f"--{name} must be {kind}, not {text!r}")
-    return value
 
 
 def _checkAddress(address: str) -> None:
@@ -109,6 +93,7 @@ class ConnectOptions(_AddressOptions):
             DEFAULT_TIMEOUT,
             "Seconds allowed for the handshake (a held connection waits the"
             f" service's decision time, {DEFAULT_DECISION_TIMEOUT:g}, plus this).",
+            positive,
         ],
         [
             "quit-after",
@@ -116,11 +101,12 @@ class ConnectOptions(_AddressOptions):
             1.0,
             "After the end of input, close once the server has been silent for"
             " this many seconds.",
+            seconds,
         ],
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self["expect-fingerprint"] = []
 
     def opt_expect_fingerprint(self, fingerprint: str) -> None:
@@ -137,8 +123,6 @@ class ConnectOptions(_AddressOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        self["timeout"] = _seconds("timeout", self["timeout"])
-        self["quit-after"] = _seconds("quit-after", self["quit-after"], zero=True)
         _checkAddress(self["address"])
 
 

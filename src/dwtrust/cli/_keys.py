@@ -15,7 +15,8 @@ from ._common import OK, CommandError, _IdentityOptions
 
 
 class KeygenOptions(_IdentityOptions):
-    synopsis = "--identity DIR --org ORG --service NAME [--algorithm ALG]"
+    synopsis = "[options] --org ORG --service NAME"
+    optFlags = [["json", None, "Print JSON."]]
     optParameters = [
         *_IdentityOptions.optParameters,
         ["org", "o", None, "The organization name."],
@@ -36,7 +37,7 @@ class KeygenOptions(_IdentityOptions):
 
 
 class ShowOptions(_IdentityOptions):
-    synopsis = "--identity DIR [--json]"
+    synopsis = "[options]"
     optFlags = [["json", None, "Print JSON."]]
 
 
@@ -46,7 +47,7 @@ def describe(identity: Identity) -> dict[str, str]:
         "service": identity.service,
         "algorithm": identity.algorithm.name,
         "fingerprint": identity.fingerprint,
-        "public_key": identity.publicKey.openssh(identity.name),
+        "publicKey": identity.publicKey.openssh(identity.name),
     }
 
 
@@ -55,9 +56,10 @@ def _printIdentity(identity: Identity, asJSON: bool, out: TextIO) -> None:
     if asJSON:
         out.write(json.dumps(facts, indent=2) + "\n")
         return
-    width = max(len(k) for k in facts) + 1
+    labels = {"publicKey": "public key"}
+    width = max(len(labels.get(k, k)) for k in facts) + 1
     for key, value in facts.items():
-        out.write(f"{(key.replace('_', ' ') + ':'):<{width + 1}}{value}\n")
+        out.write(f"{(labels.get(key, key) + ':'):<{width + 1}}{value}\n")
 
 
 def keygen(options: KeygenOptions, out: TextIO) -> int:
@@ -67,7 +69,7 @@ def keygen(options: KeygenOptions, out: TextIO) -> int:
         options["org"], options["service"], options["algorithm"]
     )
     identity.save(options.directory)
-    _printIdentity(identity, False, out)
+    _printIdentity(identity, options["json"], out)
     return OK
 
 

@@ -10,6 +10,7 @@ import base64
 import ipaddress
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectError
+from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
@@ -32,6 +34,7 @@ from ..control import (
 )
 from ..control._protocol import DecisionRefused, exactly, matches, normalizePrefix
 from ..provisioning import (
+    MAX_TOKEN_TTL,
     issueJoinToken,
 )
 from ..store import SQLiteStore
@@ -42,6 +45,7 @@ from ._common import (
     _address,
     _duration,
     _IdentityOptions,
+    _positive,
     _printable,
     isoTime,
 )
@@ -54,6 +58,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_CONTROL = "unix:" + os.path.join("~", ".dwtrust", "control.sock")
 #: The longest reason an owner may give.
 MAX_REASON = 1000
+#: The shortest prefix a destructive command takes without a confirmation.
+MIN_PREFIX = 8
+#: The decisions that take a key's access away.
+DESTRUCTIVE = frozenset({"denied", "blocked", "revoked"})
 #: The width of the longest control-message kind.
 _KIND_WIDTH = len("approval_requested")
 
@@ -70,7 +78,13 @@ class _ControlOptions(_IdentityOptions):
             " tcp:host=HOST:port=PORT or HOST:PORT.",
         ],
         ["store", None, None, f"The owner's pin store [IDENTITY/{STORE_FILE}]."],
-        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for the handshake.", float],
+        [
+            "timeout",
+            "t",
+            DEFAULT_TIMEOUT,
+            "Seconds allowed for the handshake.",
+            _positive,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -83,17 +97,17 @@ class _ControlOptions(_IdentityOptions):
 
 
 class PendingOptions(_ControlOptions):
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--json]"
+    synopsis = "[options]"
     longdesc = "List the requests waiting for an owner's decision."
 
 
 class PeersOptions(_ControlOptions):
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--json]"
+    synopsis = "[options]"
     longdesc = "List the keys the service has a decision about."
 
 
 class WatchOptions(_ControlOptions):
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--json]"
+    synopsis = "[options]"
     longdesc = (
         "Print the service's control messages as they arrive, one a line, until"
         " the connection closes or Ctrl-C."
@@ -103,7 +117,7 @@ class WatchOptions(_ControlOptions):
 class _DecideOptions(_ControlOptions):
     #: The decision the command signs.
     state = ""
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--reason TEXT] ID"
+    synopsis = "[options] ID"
     optParameters = [
         *_ControlOptions.optParameters,
         ["reason", "r", "", "Why, in your words; stored with the decision."],
@@ -120,6 +134,18 @@ class _DecideOptions(_ControlOptions):
             raise usage.UsageError(f"--reason is limited to {MAX_REASON} characters")
 
 
+class _DestructiveOptions(_DecideOptions):
+    optFlags = [
+        *_DecideOptions.optFlags,
+        [
+            "yes",
+            "y",
+            f"Act on a prefix shorter than {MIN_PREFIX} characters without"
+            " asking, if it matches one key only.",
+        ],
+    ]
+
+
 class ApproveOptions(_DecideOptions):
     state = "approved"
     longdesc = (
@@ -128,12 +154,9 @@ class ApproveOptions(_DecideOptions):
     )
 
 
-class DenyOptions(_DecideOptions):
+class DenyOptions(_DestructiveOptions):
     state = "denied"
-    synopsis = (
-        "--control ENDPOINT --identity OWNER_DIR [--reason TEXT]"
-        " (ID | --source NETWORK)"
-    )
+    synopsis = "[options] (ID | --source NETWORK)"
     longdesc = (
         "Deny a pending request (or a decided key), given by a unique prefix of"
         " its request ID or fingerprint; or, with --source, every pending"
@@ -142,7 +165,7 @@ class DenyOptions(_DecideOptions):
         " your key."
     )
     optParameters = [
-        *_DecideOptions.optParameters,
+        *_DestructiveOptions.optParameters,
         [
             "source",
             None,
@@ -169,20 +192,18 @@ class DenyOptions(_DecideOptions):
             raise usage.UsageError(f"--source: {e}") from None
 
 
-class BlockOptions(_DecideOptions):
+class BlockOptions(_DestructiveOptions):
     state = "blocked"
-    synopsis = (
-        "--control ENDPOINT --identity OWNER_DIR [--reason TEXT] ID_OR_FINGERPRINT"
-    )
+    synopsis = "[options] ID_OR_FINGERPRINT"
     longdesc = (
         "Block a key, so that it is refused and raises no more requests. Give a"
         " unique prefix of its request ID or fingerprint."
     )
 
 
-class RevokeOptions(_DecideOptions):
+class RevokeOptions(_DestructiveOptions):
     state = "revoked"
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--reason TEXT] FINGERPRINT"
+    synopsis = "[options] FINGERPRINT"
     longdesc = (
         "Revoke a key the service has a decision about, given by a unique prefix"
         " of its fingerprint: its open sessions close, and it is refused from"
@@ -191,7 +212,7 @@ class RevokeOptions(_DecideOptions):
 
 
 class JoinTokenOptions(_ControlOptions):
-    synopsis = "--control ENDPOINT --identity OWNER_DIR [--ttl 10m] [--via ENDPOINT]"
+    synopsis = "[options]"
     longdesc = (
         "Take a one-time join token from a running instance, as one of its"
         " owners. A new instance started with it (twistd dwtrust --join-file"
@@ -215,6 +236,10 @@ class JoinTokenOptions(_ControlOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
+        if self["ttl"] > MAX_TOKEN_TTL:
+            raise usage.UsageError(
+                f"--ttl: a join token lives at most {MAX_TOKEN_TTL / 3600:g}h"
+            )
         self["via"] = controlAddress(self["via"])[0] if self["via"] else self["control"]
 
 
@@ -433,6 +458,84 @@ async def _target(client: ControlClient, options: _DecideOptions) -> dict[str, A
     """
     The entry a decision command's argument names.
     """
+    entry = await _named(client, options)
+    target = options["target"]
+    if (
+        options.state in DESTRUCTIVE
+        and len(normalizePrefix(target)) < MIN_PREFIX
+        and not exactly(target, entry)
+    ):
+        await _checkShortPrefix(client, options, entry)
+    return entry
+
+
+async def _checkShortPrefix(
+    client: ControlClient, options: _DecideOptions, entry: dict[str, Any]
+) -> None:
+    """
+    Let a destructive command act on a prefix shorter than L{MIN_PREFIX}
+    only if it matches one key among the requests and the decided keys
+    both, and the user confirms: with C{--yes}, or by answering at a
+    terminal.
+
+    @raise CommandError: if not.
+    """
+    target = options["target"]
+    found = [
+        e
+        for listing in (
+            ([] if options.state == "revoked" else [await client.pending(target)])
+            + [await client.peers(target)]
+        )
+        for e in listing.entries
+        if matches(target, e)
+    ]
+    if len(found) > 1:
+        resolve(target, found, "key")  # raises, listing them
+    verb = {"denied": "deny", "blocked": "block", "revoked": "revoke"}[options.state]
+    about = _printable(
+        f"{entry.get('org', '')}/{entry.get('service', '')} {entry.get('fingerprint')}"
+    )
+    if options["yes"]:
+        return
+    short = (
+        f"{_printable(target)!r} is shorter than {MIN_PREFIX} characters"
+        f" (after SHA256:)"
+    )
+    if not _interactive():
+        raise CommandError(
+            f"{short}; it matches {about} only: give more of it, or add --yes"
+            f" to {verb} that key"
+        )
+    answer = await deferToThread(
+        _ask, f"dwtrust: {short} and matches {about}; {verb} it? [y/N] "
+    )
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CommandError(f"not confirmed: nothing was {options.state}")
+
+
+def _interactive() -> bool:
+    """
+    Whether a person can answer a question: standard input and error are
+    terminals.
+    """
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _ask(question: str) -> str:
+    """
+    Ask C{question} on standard error; the answer line, or nothing at the
+    end of input. (In a thread: it blocks.)
+    """
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    return sys.stdin.readline()
+
+
+async def _named(client: ControlClient, options: _DecideOptions) -> dict[str, Any]:
+    """
+    The one entry a decision command's argument begins.
+    """
     target = options["target"]
     if options.state == "revoked":
         try:
@@ -456,24 +559,114 @@ async def _target(client: ControlClient, options: _DecideOptions) -> dict[str, A
         ) from None
 
 
-def decisionJSON(decision: SignedDecision) -> dict[str, Any]:
+# The JSON vocabulary of every --json output (docs/cli.rst): camelCase keys;
+# a key's identity is {"organization", "service", "algorithm", "fingerprint"}
+# (and "publicKey" where known); the key asking is under "peer"; the
+# service a fact is about is "service" at the top.  The control channel's
+# own messages keep their names: they are mapped here.
+
+#: The facts of an identity, in the vocabulary, and the names the control
+#: channel's entries give them.
+_IDENTITY_FIELDS = (
+    ("organization", "org"),
+    ("service", "service"),
+    ("algorithm", "algorithm"),
+    ("fingerprint", "fingerprint"),
+    ("publicKey", "publicKey"),
+)
+#: The control channel's names for the other facts of an entry.
+_RENAMED = {"id": "requestId"}
+
+
+def identityJSON(
+    organization: str,
+    service: str,
+    algorithm: str,
+    fingerprint: str,
+    publicKey: str | None = None,
+) -> dict[str, str]:
     """
-    A signed decision's facts, for C{--json}.
+    An identity, as every C{--json} output shows one.
     """
-    return {
+    facts = {
+        "organization": organization,
+        "service": service,
+        "algorithm": algorithm,
+        "fingerprint": fingerprint,
+    }
+    if publicKey:
+        facts["publicKey"] = publicKey
+    return facts
+
+
+def entryJSON(entry: dict[str, Any]) -> dict[str, Any]:
+    """
+    A pending request or a decided key, as the control channel lists it, in
+    the vocabulary: its key's identity under C{peer}, C{requestId} for
+    C{id}, the other facts as they are.
+    """
+    peer = {
+        ours: entry[theirs]
+        for ours, theirs in _IDENTITY_FIELDS
+        if theirs in entry and (ours != "publicKey" or entry[theirs])
+    }
+    identity = {theirs for _, theirs in _IDENTITY_FIELDS}
+    facts = {_RENAMED.get(k, k): v for k, v in entry.items() if k not in identity}
+    facts["peer"] = peer
+    return facts
+
+
+def messageJSON(message: ControlMessage) -> dict[str, Any]:
+    """
+    A control message, in the vocabulary: C{service} is the service it
+    comes from, C{peer} the key it is about.
+    """
+    facts = message.asJSON()
+    facts["peer"] = identityJSON(
+        facts.pop("org"),
+        facts.pop("peerService"),
+        facts.pop("algorithm"),
+        facts.pop("fingerprint"),
+    )
+    facts["knownKeys"] = [{"fingerprint": f} for f in message.knownKeys]
+    return facts
+
+
+def decisionJSON(
+    decision: SignedDecision,
+    entry: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    A signed decision's facts, for C{--json}: what approve, deny, block and
+    revoke print.
+
+    @param entry: the request or key it decided, as listed.
+    @param record: the service's answer: the key's record after it.
+    """
+    facts: dict[str, Any] = {
         "service": decision.service,
         "state": decision.state,
-        "fingerprint": decision.fingerprint,
-        "org": decision.org,
-        "peerService": decision.subjectService,
-        "algorithm": decision.algorithm,
+        "peer": identityJSON(
+            decision.org,
+            decision.subjectService,
+            decision.algorithm,
+            decision.fingerprint,
+            (entry or {}).get("publicKey"),
+        ),
+        "requestId": (entry or {}).get("id") or None,
         "decidedAt": decision.decidedAt,
+        "decidedBy": decision.signer,
         "reason": decision.reason,
-        "signer": decision.signer,
         "serviceKey": decision.serviceKey,
         "sequence": decision.sequence,
         "signature": base64.b64encode(decision.signature).decode("ascii"),
     }
+    if record is not None:
+        facts["stored"] = record.get("stored", True)
+        if record.get("storeError"):
+            facts["storeError"] = record["storeError"]
+    return facts
 
 
 def describeDecision(decision: SignedDecision, entry: dict[str, Any]) -> str:
@@ -506,7 +699,7 @@ def listingJSON(kind: str, listing: Listing, service: str) -> dict[str, Any]:
         "service": service,
         "total": listing.total,
         "omitted": listing.omitted,
-        kind: list(listing.entries),
+        kind: [entryJSON(e) for e in listing.entries],
     }
 
 
@@ -566,7 +759,10 @@ async def _denySource(
             out,
             {
                 "source": str(network),
-                "denied": [e["fingerprint"] for e in denied],
+                "denied": [
+                    {"requestId": e.get("id"), "peer": entryJSON(e)["peer"]}
+                    for e in denied
+                ],
                 "matched": len(chosen),
             },
         )
@@ -593,6 +789,19 @@ async def _decideCommand(
             )
         state = answers[state]
     elif entry.get("state") == options.state:
+        if options["json"]:
+            facts = entryJSON(entry)
+            _writeJSON(
+                out,
+                {
+                    "service": client.service,
+                    "state": options.state,
+                    "peer": facts["peer"],
+                    "requestId": facts.get("requestId"),
+                    "unchanged": True,
+                },
+            )
+            return OK
         out.write(
             _printable(
                 f"{entry['org']}/{entry['service']} {entry['fingerprint']} is"
@@ -614,14 +823,7 @@ async def _decideCommand(
         raise CommandError(f"cannot sign a decision about that key: {e}") from None
     record = await client.decide(decision)
     if options["json"]:
-        _writeJSON(
-            out,
-            {
-                "decision": decisionJSON(decision),
-                "requestId": entry.get("id"),
-                "peer": record,
-            },
-        )
+        _writeJSON(out, decisionJSON(decision, entry, record))
     else:
         out.write(describeDecision(decision, entry) + "\n")
         if record.get("stored") is False:
@@ -650,7 +852,7 @@ async def _watch(
 
     def show(message: ControlMessage) -> None:
         if options["json"]:
-            out.write(json.dumps(message.asJSON(), sort_keys=True) + "\n")
+            out.write(json.dumps(messageJSON(message), sort_keys=True) + "\n")
         else:
             out.write(formatMessage(message) + "\n")
         out.flush()

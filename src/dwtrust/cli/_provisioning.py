@@ -32,6 +32,7 @@ from ._common import (
     _address,
     _AddressOptions,
     _IdentityOptions,
+    _positive,
     _printable,
     isoTime,
 )
@@ -39,10 +40,7 @@ from ._keys import _printIdentity
 
 
 class InstantiateOptions(_IdentityOptions):
-    synopsis = (
-        "--identity CLIENT_DIR --server-identity NEW_SERVER_DIR --org ORG"
-        " --service NAME [--algorithm ALG] [--store CLIENT_STORE]"
-    )
+    synopsis = "[options] --server-identity NEW_SERVER_DIR --org ORG --service NAME"
     longdesc = (
         "Instantiate a microserver for this microclient: create the server's "
         "identity in NEW_SERVER_DIR with the client's public key approved in "
@@ -81,10 +79,7 @@ class InstantiateOptions(_IdentityOptions):
 
 
 class CloneOptions(_IdentityOptions):
-    synopsis = (
-        "(--join - | --join-file PATH) --identity NEW_DIR [--store PATH]"
-        " [--instance NAME]"
-    )
+    synopsis = "[options] (--join - | --join-file PATH)"
     longdesc = (
         "Become a new instance of a service: dial the running instance a join"
         " token names, redeem the token, and receive the service's key (0600),"
@@ -115,7 +110,13 @@ class CloneOptions(_IdentityOptions):
             f" [IDENTITY/{STORE_FILE}].",
         ],
         ["instance", None, None, "This instance's name in the service's audit log."],
-        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for the handshake.", float],
+        [
+            "timeout",
+            "t",
+            DEFAULT_TIMEOUT,
+            "Seconds allowed for the handshake.",
+            _positive,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -134,7 +135,7 @@ class CloneOptions(_IdentityOptions):
 
 
 class RequestKeyOptions(_AddressOptions):
-    synopsis = "--identity ROUTER_DIR [--into DIR] [--instance NAME] HOST:PORT"
+    synopsis = "[options] HOST:PORT"
     longdesc = (
         "As a service router, ask the service whose control endpoint is at"
         " HOST:PORT for its key. Its owners are asked; the command waits for"
@@ -150,7 +151,13 @@ class RequestKeyOptions(_AddressOptions):
             "Where to write the service's identity [ROUTER_DIR/services/ORG/SERVICE].",
         ],
         ["instance", None, None, "This router's name in the service's audit log."],
-        ["timeout", "t", DEFAULT_TIMEOUT, "Seconds allowed for the handshake.", float],
+        [
+            "timeout",
+            "t",
+            DEFAULT_TIMEOUT,
+            "Seconds allowed for the handshake.",
+            _positive,
+        ],
     ]
 
 
