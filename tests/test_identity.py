@@ -230,7 +230,7 @@ class SaveLoadTests(SynchronousTestCase):
         # A directory where the public key file should go: the final rename
         # of its temporary file fails.
         broken.child(PUBLIC_KEY_FILE).makedirs()
-        self.assertRaises(OSError, makeIdentity().save, broken)
+        self.assertRaises(IdentityError, makeIdentity().save, broken)
         self.assertEqual([name for name in broken.listdir() if ".tmp" in name], [])
 
     def test_failedSaveLeavesNoIdentity(self) -> None:
@@ -244,7 +244,7 @@ class SaveLoadTests(SynchronousTestCase):
         obstacle = directory.child(PUBLIC_KEY_FILE)
         obstacle.makedirs()
         identity = makeIdentity()
-        self.assertRaises(OSError, identity.save, directory)
+        self.assertRaises(IdentityError, identity.save, directory)
         obstacle.remove()
         identity.save(directory)
         self.assertEqual(Identity.load(directory), identity)

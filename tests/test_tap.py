@@ -498,7 +498,9 @@ class MakeServiceTests(TestCase):
             busy = IReactorTCP(reactor).listenTCP(0, refuser, interface="127.0.0.1")
             busyAddress = busy.getHost()
             assert isinstance(busyAddress, IPv4Address)
-            self.addCleanup(busy.stopListening)
+            # A port taken after makeService checked it (one taken before is
+            # refused there, see tests/test_startup.py).
+            await busy.stopListening()
             threadsBefore = storeThreads()
             service = makeService(
                 parse(
@@ -508,6 +510,10 @@ class MakeServiceTests(TestCase):
                     f"tcp:{busyAddress.port}:interface=127.0.0.1",
                 )
             )
+            busy = IReactorTCP(reactor).listenTCP(
+                busyAddress.port, refuser, interface="127.0.0.1"
+            )
+            self.addCleanup(busy.stopListening)
             self.addCleanup(stopIfRunning, service)
             self.assertRaises(CannotListenError, service.startService)
             # The failed start undid itself: nothing runs, the store is shut.

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import pwd
 import re
 import stat
 from collections.abc import Callable
@@ -49,6 +50,114 @@ class IdentityError(Exception):
     An identity, a key or a name is missing, malformed or unsafe.  The message
     says which, and what to do about it.
     """
+
+
+class IdentityMismatch(IdentityError):
+    """
+    The names given for an identity differ from those it holds.
+    """
+
+
+def _userName(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _user(uid: int) -> str:
+    name = _userName(uid)
+    return name if name.startswith("uid ") else f"{name} (uid {uid})"
+
+
+def permissionAdvice(path: str, doing: str, option: str = "--identity") -> str:
+    """
+    One line for a permission denied on C{path}: which path stops us, whose
+    it is, who we are, and what to do (run as the directory's owner, or give
+    C{--identity} a directory we can use).
+
+    @param doing: what was being done to C{path}, as in C{"cannot DOING
+        PATH"}: C{"read the identity in"}, C{"create the identity
+        directory"}.
+    @param option: the option that gives another path.
+    """
+    path = os.path.abspath(path)
+    blocker = path
+    facts: os.stat_result | None = None
+    while True:
+        try:
+            facts = os.stat(blocker)
+            break
+        except OSError:
+            parent = os.path.dirname(blocker)
+            if parent == blocker:
+                break
+            blocker = parent
+    me = _user(os.geteuid())
+    if facts is None:
+        return f"cannot {doing} {path}: permission denied; give {option} another path"
+    owner = _user(facts.st_uid)
+    mode = f"{stat.S_IMODE(facts.st_mode):04o}"
+    inside = blocker == path or blocker.startswith(path + os.sep)
+    if not inside:
+        # The directory does not exist, and cannot be made where it was asked for.
+        home = os.environ.get("HOME")
+        default = (
+            f" (the default, ~/.dwtrust, is under HOME={home})"
+            if option == "--identity"
+            and home
+            and path.startswith(os.path.join(home, ""))
+            else ""
+        )
+        if facts.st_uid == os.geteuid():
+            return (
+                f"cannot {doing} {path}: permission denied: {blocker} has mode"
+                f" {mode}; let its owner write there (chmod u+wx {blocker}), or"
+                f" give {option} a path in a directory this user can write"
+                f"{default}"
+            )
+        return (
+            f"cannot {doing} {path}: permission denied: {blocker} belongs to"
+            f" {owner} with mode {mode}, and this process runs as {me}; give"
+            f" {option} a path in a directory this user can write{default}"
+        )
+    if facts.st_uid != os.geteuid():
+        what = "it" if blocker == path else blocker
+        return (
+            f"cannot {doing} {path}: permission denied: {what} belongs to {owner}"
+            f" with mode {mode}, and this process runs as {me}; run as"
+            f" {_userName(facts.st_uid)}, or give {option} another path"
+        )
+    return (
+        f"cannot {doing} {path}: permission denied: {blocker} has mode {mode};"
+        f" make it readable and writable by its owner (chmod u+rwX {blocker}),"
+        f" or give {option} another path"
+    )
+
+
+def _failedTo(error: OSError, doing: str, path: str) -> IdentityError:
+    if isinstance(error, PermissionError):
+        return IdentityError(permissionAdvice(path, doing))
+    return IdentityError(f"cannot {doing} {path}: {error.strerror or error}")
+
+
+def holdsIdentity(directory: FilePath[str]) -> bool:
+    """
+    Whether C{directory} holds an identity (its private key file).  A
+    directory that cannot be looked into is not taken for an empty one.
+
+    @raise IdentityError: if C{directory} cannot be read, or is not a
+        directory.
+    """
+    try:
+        os.stat(directory.child(PRIVATE_KEY_FILE).path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if isinstance(e, NotADirectoryError):
+            raise IdentityError(f"{directory.path} is not a directory") from None
+        raise _failedTo(e, "read the identity in", directory.path) from None
+    return True
 
 
 def validateName(kind: str, name: str) -> str:
@@ -387,13 +496,29 @@ class Identity:
         Write this identity into C{directory}, which must hold no identity yet.
         The private key is written atomically with mode 0600.
 
-        @raise IdentityError: if an identity is already there.
+        @raise IdentityError: if an identity is already there, or the
+            directory cannot be made or written (with what to do about it).
         """
-        if not directory.exists():
-            directory.makedirs()
-            directory.chmod(0o700)
-        if directory.child(PRIVATE_KEY_FILE).exists():
+        try:
+            os.stat(directory.path)
+        except FileNotFoundError:
+            try:
+                directory.makedirs()
+                directory.chmod(0o700)
+            except OSError as e:
+                raise _failedTo(
+                    e, "create the identity directory", directory.path
+                ) from None
+        except OSError as e:
+            raise _failedTo(e, "read the identity in", directory.path) from None
+        if holdsIdentity(directory):
             raise IdentityError(f"{directory.path} already holds an identity")
+        try:
+            self._write(directory)
+        except OSError as e:
+            raise _failedTo(e, "write the identity into", directory.path) from None
+
+    def _write(self, directory: FilePath[str]) -> None:
         # The private key goes last: its presence is what makes a directory
         # hold an identity, so a save cut short leaves one that can be saved
         # into again, not one that can be neither loaded nor replaced.
@@ -428,7 +553,7 @@ class Identity:
             if the private key file can be read by anyone but its owner.
         """
         keyPath = directory.child(PRIVATE_KEY_FILE)
-        if not keyPath.exists():
+        if not holdsIdentity(directory):
             raise IdentityError(
                 f"no identity in {directory.path}; create one with"
                 " `dwtrust keygen --identity DIR --org ORG --service NAME`"
@@ -443,6 +568,8 @@ class Identity:
             description = json.loads(directory.child(IDENTITY_FILE).getContent())
             org, service = description["org"], description["service"]
             loaded = serialization.load_ssh_private_key(keyPath.getContent(), None)
+        except PermissionError as e:
+            raise _failedTo(e, "read the identity in", directory.path) from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise IdentityError(
                 f"cannot read the identity in {directory.path}: {e}"
@@ -475,16 +602,17 @@ class Identity:
 
         @return: the identity, and whether it was created.
         @raise IdentityError: if there is none and no names were given, or if
-            the names given differ from the stored ones.
+            the names given differ from the stored ones (an
+            L{IdentityMismatch}).
         """
-        if directory.child(PRIVATE_KEY_FILE).exists():
+        if holdsIdentity(directory):
             identity = cls.load(directory)
             for kind, given, stored in [
                 ("organization", org, identity.org),
                 ("service", service, identity.service),
             ]:
                 if given is not None and given != stored:
-                    raise IdentityError(
+                    raise IdentityMismatch(
                         f"{directory.path} holds the identity {identity.name};"
                         f" the {kind} {given!r} given does not match"
                     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pwd
 import stat as statModule
 import subprocess
 import sys
@@ -34,11 +35,20 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from . import _limits as limits
+from . import _startup
 from ._authority import Decisions
 from ._decision import DecisionError, Signers, readOwnerKey, registeredOwners
 from ._endpoints import quoteArgument
 from ._forward import ForwardingFactory
-from ._identity import PRIVATE_KEY_FILE, SHORT_NAMES, Identity, IdentityError
+from ._identity import (
+    PRIVATE_KEY_FILE,
+    SHORT_NAMES,
+    Identity,
+    IdentityError,
+    IdentityMismatch,
+    holdsIdentity,
+    permissionAdvice,
+)
 from ._options import GNUOptions, count, exitForUsage, positive
 from ._policy import ApprovalPolicy, PinningPolicy
 from ._sidecar import Mapping, SidecarError, SidecarFactory
@@ -441,6 +451,9 @@ class Options(GNUOptions):
             self["control"] = "unix:" + quoteArgument(
                 os.path.join(self["identity"], CONTROL_SOCKET)
             )
+        server = getattr(self, "parent", None)
+        _startup.placeDaemonFiles(server, self["identity"])
+        _startup.refuseSecondDaemon(self["control"], self["identity"], server)
 
     def _localSecrets(self) -> None:
         """
@@ -510,15 +523,44 @@ class _DaemonService(MultiService):
         self._options = options
         self._decisions = decisions
         self._owners = decisions.owners
+        #: The service of the authenticated listening port, if there is one.
+        self.listening: StreamServerEndpointService | None = None
 
     def privilegedStartService(self) -> None:
+        """
+        Listen on every port, or end the start-up with one line: what can
+        be checked before twistd forks was checked in L{makeService}; what
+        fails here (a port taken since, a lock) ends the daemon as
+        L{_startup.startupFailed} says, with no pidfile left behind.
+        """
+        server = getattr(self._options, "parent", None)
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as e:
-            where = f"{e.interface} port {e.port}" if e.interface else f"port {e.port}"
-            raise SystemExit(
-                f"twistd dwtrust: cannot listen on {where}: {e.socketError}"
-            ) from None
+            port = os.fsdecode(e.port) if isinstance(e.port, bytes) else e.port
+            if e.socketError == "Cannot acquire lock":
+                pid = _startup.lockHolder(str(port))
+                holder = f" (pid {pid})" if pid is not None else ""
+                message = (
+                    f"another dwtrust daemon{holder} already serves the identity"
+                    f" in {os.path.abspath(self._options['identity'])}: it holds"
+                    " the control"
+                    f" socket {port}; stop it first, or give another --identity"
+                )
+            else:
+                where = (
+                    f"{e.interface} port {port}"
+                    if e.interface
+                    else f"port {port}"
+                    if isinstance(port, int)
+                    else f"the UNIX socket {port}"
+                )
+                reason = getattr(e.socketError, "strerror", None) or e.socketError
+                message = f"cannot listen on {where}: {reason}"
+            _startup.startupFailed(server, message)
+        except Exception as e:
+            log.failure("dwtrust: the daemon could not start")
+            _startup.startupFailed(server, f"cannot start: {e}")
 
     def startService(self) -> None:
         """
@@ -578,16 +620,54 @@ class _DaemonService(MultiService):
                 " --webhook-auth-file instead",
                 event="dwtrust.daemon.credentials_in_argv",
             )
-        if (
-            listen is not None
-            and "owners" in self._options["approvers"]
-            and not len(self._owners)
-        ):
+        if listen is not None:
+            self._sayWhatNext()
+
+    def _sayWhatNext(self) -> None:
+        """
+        Say plainly where the daemon listens, check once that something
+        accepts connections at each forwarding target, and, with no owner
+        to approve keys, say how to give it one.
+        """
+        from twisted.internet import reactor
+
+        listen = self._options["listen"]
+        # The port, once listening (Twisted keeps it in this Deferred).
+        waiting = getattr(self.listening, "_waitingForPort", None)
+        if isinstance(waiting, Deferred):
+            waiting.addCallback(self._sayWhere, listen)
+        for target in self._options["forward"]:
+            _startup.probeForward(reactor, target)
+        if "owners" in self._options["approvers"] and not len(self._owners):
+            directory = self._options["identity"]
             log.warn(
-                "dwtrust: no owners are registered, so unknown keys will wait"
-                " for approvals nobody can give; register one with --owner",
+                "dwtrust: no owner is registered, so unknown keys will wait for"
+                " approvals nobody can give.  Make an owner's key with"
+                " `dwtrust keygen --identity ~/.dwtrust-owner --org {org}"
+                " --service owner`, then restart the daemon with"
+                " `twistd dwtrust --identity {directory} --owner"
+                " ~/.dwtrust-owner/id_dwtrust.pub` and your other options",
                 event="dwtrust.daemon.no_owners",
+                org=self._identity.org,
+                directory=directory,
             )
+
+    def _sayWhere(self, port: Any, listen: str) -> Any:
+        where = _startup.describeListening(port)
+        log.info(
+            "dwtrust: listening for dwtrust peers on {where}{hint}",
+            event="dwtrust.daemon.listening",
+            where=where,
+            hint=(
+                f"; to listen on one interface only, give --listen"
+                f" {listen}:interface=ADDRESS"
+                if where.startswith("every interface")
+                and listen.startswith("tcp:")
+                and "interface=" not in listen
+                else ""
+            ),
+        )
+        return port
 
     def stopService(self) -> Deferred[None]:
         """
@@ -623,7 +703,11 @@ class _AuditLog(Service):
             self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
             os.chmod(path, 0o600)
         except OSError as e:
-            raise StartupFailed(f"cannot open the audit log {path}: {e}") from None
+            raise StartupFailed(
+                permissionAdvice(path, "open the audit log", "--audit-log")
+                if isinstance(e, PermissionError)
+                else f"cannot open the audit log {path}: {e.strerror}"
+            ) from None
         self._observer = FilteringLogObserver(
             FileLogObserver(self._file, auditLine),
             [_isAuditEvent],  # type: ignore[list-item]
@@ -719,26 +803,45 @@ def _makeService(options: Options) -> IService:
     except SidecarError as e:
         raise usage.UsageError(str(e)) from None
     options["connect"] = mappings
+    directory = FilePath(options["identity"])
+    # Another user's identity directory is refused before anything in it is
+    # read; one that cannot be read is refused, never replaced by a new one.
+    _checkOwner(directory)
+    try:
+        holdsIdentity(directory)
+    except IdentityError as e:
+        raise StartupFailed(str(e)) from None
+    # A port another program holds is refused now, before twistd forks: then
+    # it is one line and exit status 1, with nothing forked or written.
+    try:
+        if options["listen"] is not None:
+            _startup.checkCanListen(reactor, "--listen", options["listen"])
+        for m in mappings:
+            _startup.checkCanListen(reactor, "--connect", m.local)
+        _startup.checkCanListen(reactor, "--control", options["control"])
+    except _startup.StartupError as e:
+        raise StartupFailed(str(e)) from None
     # Whatever the daemon creates from now on (its store and the store's
     # -wal and -shm files, the newest-decisions file, its logs) is its
     # user's alone.
     os.umask(0o077)
     audit = _AuditLog(options["audit-log"]) if options["audit-log"] else None
-    directory = FilePath(options["identity"])
     if options.joinToken is not None:
         _join(options.joinToken, directory, options["store"])
     # Names given are checked against an existing identity; the defaults only
     # name a new one.
-    fresh = not directory.child(PRIVATE_KEY_FILE).exists()
     try:
+        fresh = not holdsIdentity(directory)
         identity, created = Identity.loadOrCreate(
             directory,
             options["org"] or (DEFAULT_ORG if fresh else None),
             options["service"] or (DEFAULT_SERVICE if fresh else None),
             options["algorithm"],
         )
-    except IdentityError as e:
+    except IdentityMismatch as e:
         raise usage.UsageError(str(e)) from None
+    except IdentityError as e:
+        raise StartupFailed(str(e)) from None
     if created:
         log.info(
             "dwtrust: created the identity {identity} ({fingerprint}) in {directory}",
@@ -754,14 +857,16 @@ def _makeService(options: Options) -> IService:
             options["store-pool"],
         )
     except StoreError as e:
-        raise usage.UsageError(str(e)) from None
+        raise StartupFailed(
+            _storeAdvice(options["store"] or directory.child(STORE_FILE).path) or str(e)
+        ) from None
     owners = Signers(o.publicKey for o in options["owners"])
     for key in registeredOwners(identity, registrations):
         owners.add(key)
     try:
         newest = NewestDecisions.fromPath(directory.child(NEWEST_FILE))
     except NewestError as e:
-        raise usage.UsageError(str(e)) from None
+        raise StartupFailed(str(e)) from None
     bus = ControlBus()
     decisions = Decisions(identity, store, owners, newest, bus)
     known = KnownSources()
@@ -815,6 +920,7 @@ def _makeService(options: Options) -> IService:
             authenticator.serverEndpoint(listen),
             ForwardingFactory(forward),
         )
+        daemon.listening = port
         # Fail at start-up, rather than run without a port, if we cannot listen.
         port._raiseSynchronously = True
         port.setServiceParent(daemon)
@@ -911,7 +1017,7 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
     is the exception, refused by L{Identity.load} if others may read it,
     since a key others could read must be replaced, not hidden.
 
-    @raise usage.UsageError: if the directory belongs to another user, or a
+    @raise StartupFailed: if the directory belongs to another user, or a
         mode cannot be set.
     """
     paths = [directory.path]
@@ -927,15 +1033,10 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
         except FileNotFoundError:
             continue
         except OSError as e:
-            raise usage.UsageError(f"cannot check {path}: {e.strerror}") from None
+            raise StartupFailed(f"cannot check {path}: {e.strerror}") from None
         if statModule.S_ISDIR(facts.st_mode) and path == directory.path:
             wanted = 0o700
-            if facts.st_uid != os.geteuid():
-                raise usage.UsageError(
-                    f"the identity directory {path} belongs to another user"
-                    f" (uid {facts.st_uid}); run as that user or use another"
-                    " --identity"
-                )
+            _checkOwner(directory)
         elif statModule.S_ISREG(facts.st_mode):
             wanted = 0o600
         else:
@@ -948,7 +1049,7 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
         try:
             os.chmod(path, (mode & wanted) or wanted)
         except OSError as e:
-            raise usage.UsageError(
+            raise StartupFailed(
                 f"{path} has mode {mode:04o} and cannot be made private"
                 f" (chmod {wanted:o}): {e.strerror}"
             ) from None
@@ -962,6 +1063,60 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
         )
 
 
+def _checkOwner(directory: FilePath[str]) -> None:
+    """
+    Refuse an identity directory that belongs to another user, as C{sshd}
+    refuses another user's C{~/.ssh}: before anything in it is read, so
+    that one this user cannot read is never taken for an empty one.
+
+    @raise StartupFailed: if it does, or cannot be looked at.
+    """
+    try:
+        facts = os.stat(directory.path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StartupFailed(
+            permissionAdvice(directory.path, "read the identity in")
+            if isinstance(e, PermissionError)
+            else f"cannot check {directory.path}: {e.strerror}"
+        ) from None
+    if statModule.S_ISDIR(facts.st_mode) and facts.st_uid != os.geteuid():
+        raise StartupFailed(
+            f"the identity directory {directory.path} belongs to another user"
+            f" ({_userName(facts.st_uid)}) and this daemon runs as"
+            f" {_userName(os.geteuid())}; run it as the directory's owner"
+            " (runuser -u USER --, or User= in a systemd unit), or give"
+            " another --identity"
+        )
+
+
+def _userName(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _storeAdvice(store: str) -> str | None:
+    """
+    For a SQLite store that could not be opened: which path this user may
+    not read or write, whose it is, and what to do; L{None} if permissions
+    are not the cause (or the store is PostgreSQL's).
+    """
+    if "://" in store:
+        return None
+    path = os.path.abspath(store)
+    exists = os.path.lexists(path)
+    target = path if exists else os.path.dirname(path)
+    wanted = os.R_OK | os.W_OK if exists else os.W_OK | os.X_OK
+    if os.access(target, wanted, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    return permissionAdvice(
+        path, "open the trust store" if exists else "create the trust store", "--store"
+    )
+
+
 def _join(token: str, directory: FilePath[str], store: str | None) -> None:
     """
     Make C{directory} an instance of the service a join token names, with
@@ -972,11 +1127,12 @@ def _join(token: str, directory: FilePath[str], store: str | None) -> None:
         parsed = JoinToken.parse(token)
     except JoinError as e:
         raise usage.UsageError(f"--join: {e}") from None
-    if directory.child(PRIVATE_KEY_FILE).exists():
-        try:
-            existing = Identity.load(directory)
-        except IdentityError as e:
-            raise usage.UsageError(str(e)) from None
+    try:
+        joined = holdsIdentity(directory)
+        existing = Identity.load(directory) if joined else None
+    except IdentityError as e:
+        raise usage.UsageError(str(e)) from None
+    if existing is not None:
         if existing.fingerprint != parsed.fingerprint:
             raise usage.UsageError(
                 f"--join: {directory.path} holds {existing.name}"
