@@ -179,8 +179,9 @@ class ServiceTests(TestCase):
                 "--connect",
                 f"tcp:0:interface={LOOPBACK}=127.0.0.1:7444",
             )
-            self.assertEqual(len(children), 4)
-            first, second, control, expiry = children
+            # and the service manager's part (readiness, SIGHUP).
+            self.assertEqual(len(children), 5)
+            first, second, control, expiry, _ = children
             for sidecar, remote in [
                 (first, "127.0.0.1:7443"),
                 (second, "127.0.0.1:7444"),
@@ -209,7 +210,7 @@ class ServiceTests(TestCase):
                 "--connect",
                 f"tcp:0:interface={LOOPBACK}=127.0.0.1:7443",
             )
-            self.assertEqual(len(children), 4)
+            self.assertEqual(len(children), 5)
             port, sidecar = children[:2]
             self.assertIsInstance(port.factory, ForwardingFactory)
             self.assertIsInstance(sidecar.factory, SidecarFactory)

@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dwtrust import Identity, ServerEndpoint
 from dwtrust._forward import ForwardingFactory
+from dwtrust._systemd import ServiceManager
 from dwtrust.tap import Options, makeService
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -408,9 +409,11 @@ class MakeServiceTests(TestCase):
             service = await self.make("--forward", "tcp:host=127.0.0.1:port=9999")
             self.assertTrue(IService.providedBy(service))
             children: list[Any] = list(service)  # type: ignore[call-overload]
-            # The forwarding port, the owners' control port, the expiry timer.
-            self.assertEqual(len(children), 3)
-            port, control, expiry = children
+            # The forwarding port, the owners' control port, the expiry
+            # timer, and the service manager's part (readiness, SIGHUP).
+            self.assertEqual(len(children), 4)
+            port, control, expiry, manager = children
+            self.assertIsInstance(manager, ServiceManager)
             self.assertIsInstance(control, StreamServerEndpointService)
             self.assertIsInstance(control.endpoint, ServerEndpoint)
             self.assertIsInstance(expiry, TimerService)

@@ -241,6 +241,13 @@ class Signers:
         self._keys[key.fingerprint] = key
         self._verified.clear()
 
+    def discard(self, fingerprint: str) -> None:
+        """
+        Trust the key C{fingerprint} names no longer (on a reload).
+        """
+        if self._keys.pop(fingerprint, None) is not None:
+            self._verified.clear()
+
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._keys
 

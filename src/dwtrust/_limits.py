@@ -303,6 +303,13 @@ class Admission:
     def waiting(self, fingerprint: str) -> int:
         return self._waiting.get(fingerprint, 0)
 
+    @property
+    def waitingTotal(self) -> int:
+        """
+        Connections of every key waiting for a decision (for the metrics).
+        """
+        return sum(self._waiting.values())
+
     # Held bytes
 
     def hold(self, size: int) -> bool:

@@ -50,6 +50,7 @@ from ._machine import (
     buildServer,
 )
 from ._policy import ITrustPolicy
+from ._status import LIMITED, Metrics
 from ._tls import ConnectionCreator, channelOf
 from ._wire import (
     EXPLANATIONS,
@@ -218,6 +219,7 @@ class HandshakeProtocol(Protocol):
         # Limits (server side only): the source prefix this connection counts
         # under, and what it holds of the admission's counts.
         self._admission = factory.admission
+        self._metrics = factory.metrics
         self._prefix = prefix
         self._untrusted = self._admission is not None
         # Among the TLS handshakes in progress: "none", "queued" or "held".
@@ -270,6 +272,8 @@ class HandshakeProtocol(Protocol):
     # Protocol and IHandshakeListener
 
     def connectionMade(self) -> None:
+        if self._metrics is not None:
+            self._metrics.open += 1
         self._timer = self._factory.clock.callLater(
             self._factory.timeout, self._machine.timedOut
         )
@@ -344,6 +348,10 @@ class HandshakeProtocol(Protocol):
                 )
         elif self._untrusted and self._failure is None:
             self._logAbandoned()
+        if self._metrics is not None:
+            self._metrics.open -= 1
+            if not self._trusted and self._failure is None:
+                self._metrics.failed += 1
         self._releaseLimits()
         self._stage = _Stage.discarded
         self._machine.lost()
@@ -533,11 +541,21 @@ class HandshakeProtocol(Protocol):
         policy = self._factory.policy
         self._resetTimer(self._factory.decisionTimeout)
         limited = self._admitDecision(peer)
+        asked = self._factory.clock.seconds() if limited is None else None
         decision = self._decision = (
             policy.check(peer, self._source) if limited is None else fail(limited)
         )
 
+        def decided() -> None:
+            # The policy's decision time, observed once (an application
+            # that refuses after it does not count again).
+            nonlocal asked
+            if asked is not None and self._metrics is not None:
+                self._metrics.latency.observe(self._factory.clock.seconds() - asked)
+            asked = None
+
         def trusted(_: object) -> None:
+            decided()
             gate = IBeforeAccept(self._application, None)
             if gate is None or self._factory.isClient:
                 accepted(None)
@@ -555,6 +573,7 @@ class HandshakeProtocol(Protocol):
         def refused(failure: Failure) -> None:
             if failure.check(CancelledError) and self._decision is None:
                 return
+            decided()
             self._decision = None
             self._decided()
             if failure.check(Refusal):
@@ -606,6 +625,8 @@ class HandshakeProtocol(Protocol):
     def established(self) -> None:
         self._cancelTimer()
         self._trusted = True
+        if self._metrics is not None:
+            self._metrics.accepted += 1
         self._trustedNow()
         trustWaiters, self._trustWaiters = self._trustWaiters, []
         for waiting in trustWaiters:
@@ -675,6 +696,11 @@ class HandshakeProtocol(Protocol):
         ):
             self._admission.forgetTrusted(self.peer.fingerprint)
         self._failure = HandshakeFailed(code, message, byPeer)
+        if self._metrics is not None:
+            if byPeer:
+                self._metrics.failed += 1
+            else:
+                self._metrics.refuse(code.value)
         trustWaiters, self._trustWaiters = self._trustWaiters, []
         for waiting in trustWaiters:
             waiting.errback(Failure(self._failure))
@@ -741,6 +767,7 @@ class HandshakeFactory(Factory):
         randomBytes: Callable[[int], bytes] = os.urandom,
         limits: Limits | None = None,
         admission: Admission | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """
         @param limits: the limits on peers; only C{maxCertificate} applies
@@ -748,6 +775,8 @@ class HandshakeFactory(Factory):
         @param admission: for a server, the counts its limits bound (shared
             with the other server factories of an authenticator); L{None} for
             no limits on connections.
+        @param metrics: for a server, where to count handshakes by outcome,
+            open connections and decision latency; L{None} to count nothing.
         """
         self.applicationFactory = applicationFactory
         self.identity = identity
@@ -760,6 +789,7 @@ class HandshakeFactory(Factory):
         self._source = source
         self.limits = limits if limits is not None else Limits()
         self.admission = None if isClient else admission
+        self.metrics = None if isClient else metrics
         self.sessions: dict[str, set[HandshakeProtocol]] = {}
 
     def doStart(self) -> None:
@@ -777,6 +807,8 @@ class HandshakeFactory(Factory):
             except Refused as e:
                 # Before TLS no dwtrust frame can be sent: the connection is
                 # closed at once, at the cost of one (rate-limited) log line.
+                if self.metrics is not None:
+                    self.metrics.refuse(LIMITED)
                 suppressed = self.admission.refusalLog.allow(prefix)
                 if suppressed is not None:
                     self.log.warn(

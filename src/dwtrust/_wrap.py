@@ -26,6 +26,7 @@ from ._identity import Identity
 from ._limits import Admission, Limits
 from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import HandshakeFactory, HandshakeProtocol, tlsFactory
+from ._status import Metrics
 from ._tls import ConnectionCreator
 from .approval import IApprover, approverFromName
 from .store import SQLiteStore
@@ -52,6 +53,8 @@ class Authenticator:
     @ivar limits: the limits on what peers not yet trusted can make the
         server side hold (see L{Limits}); one set of counts covers every
         server factory this authenticator wraps.
+    @ivar metrics: what the server side counts (handshakes by outcome, open
+        connections, decision latency), for the daemon's C{/metrics}.
     """
 
     identity: Identity
@@ -61,6 +64,7 @@ class Authenticator:
     timeout: float = DEFAULT_TIMEOUT
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT
     limits: Limits = field(factory=Limits)
+    metrics: Metrics = field(factory=Metrics)
     _creator: ConnectionCreator = field(init=False)
     _admission: Admission = field(init=False)
     _servers: list[HandshakeFactory] = field(init=False, factory=list)
@@ -91,6 +95,7 @@ class Authenticator:
             source,
             limits=self.limits,
             admission=None if isClient else self._admission,
+            metrics=None if isClient else self.metrics,
         )
 
     def wrapServerFactory(
@@ -145,6 +150,14 @@ class Authenticator:
         """
         closers, self._closers = self._closers, []
         return gatherResults([c() for c in closers]).addCallback(lambda _: None)
+
+    @property
+    def admission(self) -> Admission:
+        """
+        The server side's counts of connections not yet trusted, held bytes
+        and connections waiting for a decision (see L{Limits}).
+        """
+        return self._admission
 
     def sessionsOf(self, fingerprint: str) -> list[HandshakeProtocol]:
         """

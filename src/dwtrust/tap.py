@@ -52,8 +52,17 @@ from ._identity import (
 from ._options import GNUOptions, count, exitForUsage, positive
 from ._policy import ApprovalPolicy, PinningPolicy
 from ._sidecar import Mapping, SidecarError, SidecarFactory
+from ._status import DaemonStatus, StatusService, loopbackByDefault
+from ._systemd import ReloadError, ServiceManager
 from ._wrap import DEFAULT_DECISION_TIMEOUT, DEFAULT_TIMEOUT, STORE_FILE, Authenticator
-from .approval import approverFromSpecs, checkApproverSpecs, redactSpec
+from .approval import (
+    AllowList,
+    ChainApprover,
+    approverFromSpecs,
+    checkApproverSpecs,
+    readAllowEntries,
+    redactSpec,
+)
 from .approval._limits import (
     DEFAULT_MAX_APPROVER_CALLS,
     ApproverLimits,
@@ -335,6 +344,14 @@ class Options(GNUOptions):
             "Control connections at once of all keys that are not owners'.",
             int,
         ],
+        [
+            "status",
+            None,
+            None,
+            "Serve status, health and metrics over HTTP on this endpoint"
+            " (GET /status, /healthz, /metrics); a tcp endpoint that names no"
+            " interface listens on 127.0.0.1 only [off].",
+        ],
     ]
 
     optFlags = [
@@ -358,6 +375,9 @@ class Options(GNUOptions):
         self["approvers"] = []
         self["connect"] = []
         self["forward"] = []
+        self["allow"] = []
+        #: The --owner files, read again on SIGHUP.
+        self["owner-paths"] = []
         #: The join token and the webhook's Authorization value, once read
         #: (see L{_localSecrets}); never options, which a log may show.
         self.joinToken: str | None = None
@@ -381,6 +401,7 @@ class Options(GNUOptions):
         try:
             with open(os.path.expanduser(path)) as f:
                 self["owners"].append(readOwnerKey(f.read()))
+            self["owner-paths"].append(os.path.expanduser(path))
         except OSError as e:
             raise usage.UsageError(f"cannot read the owner key {path}: {e}") from None
         except DecisionError as e:
@@ -408,6 +429,18 @@ class Options(GNUOptions):
             self["connect"].append(Mapping.parse(mapping))
         except SidecarError as e:
             raise usage.UsageError(str(e)) from None
+
+    def opt_allow(self, entry: str) -> None:
+        """
+        Approve these keys: a public-key file, a file with one public key or
+        SHA256: fingerprint per line (# comments), or a SHA256: fingerprint.
+        Other keys go on to the approvers. Repeatable; read again on SIGHUP.
+        """
+        try:
+            readAllowEntries([entry])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["allow"].append(entry)
 
     def postOptions(self) -> None:
         if self["algorithm"] not in SHORT_NAMES:
@@ -976,7 +1009,157 @@ def _makeService(options: Options) -> IService:
     TimerService(
         min(60.0, options["request-ttl"] / 4), _expire, store, bus, identity.name
     ).setServiceParent(daemon)
+    status = DaemonStatus(
+        identity,
+        _version(),
+        store,
+        decisions,
+        authenticator,
+        controlAuthenticator,
+        reactor.seconds,
+    )
+    if options["status"] is not None:
+        _serveStatus(options["status"], status, daemon)
+    _operations(options, daemon, identity, store, decisions, policy)
     return daemon
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dwtrust")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _serveStatus(description: str, status: DaemonStatus, daemon: MultiService) -> None:
+    """
+    Serve C{--status}: loopback unless the description names an interface.
+    """
+    from twisted.internet import reactor
+
+    try:
+        endpoint = serverFromString(reactor, loopbackByDefault(description, reactor))
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--status: bad endpoint description: {e}") from None
+    serving = StatusService(endpoint, status)
+    serving.setServiceParent(daemon)  # type: ignore[no-untyped-call]
+    roles = {ForwardingFactory: "listen", SidecarFactory: "connect"}
+    for child in daemon:
+        if isinstance(child, StreamServerEndpointService):
+            role = roles.get(type(child.factory), "control")
+            status.ports.append((role if child is not serving else "status", child))
+
+
+def _operations(
+    options: Options,
+    daemon: MultiService,
+    identity: Identity,
+    store: AnyStore,
+    decisions: Decisions,
+    policy: ApprovalPolicy,
+) -> None:
+    """
+    The --allow list, ahead of the approvers, and the service manager's
+    part: systemd readiness, and reloading owners and the --allow list on
+    SIGHUP.  Started last, so that READY=1 means every port is bound.
+    """
+    from twisted.internet import reactor
+
+    allowList = None
+    if options["allow"]:
+        try:
+            allowList = AllowList.fromEntries(options["allow"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        policy.approver = ChainApprover([allowList, policy.approver])
+        log.info(
+            "dwtrust: {allowed} key(s) on the allow list, approved ahead of the"
+            " approvers",
+            event="dwtrust.allow.loaded",
+            allowed=len(allowList),
+            entries=list(allowList.entries),
+        )
+
+    async def reload() -> None:
+        await _reload(options, identity, store, decisions, allowList)
+
+    manager = ServiceManager(reload, reactor.callFromThread)  # type: ignore[attr-defined]
+    manager.setServiceParent(daemon)  # type: ignore[no-untyped-call]
+
+
+async def _reload(
+    options: Options,
+    identity: Identity,
+    store: AnyStore,
+    decisions: Decisions,
+    allowList: AllowList | None,
+) -> None:
+    """
+    Read the owners (the --owner files and those registered in the store)
+    and the --allow entries again, all or nothing, and log what changed.
+    Open connections are not touched.
+
+    @raise ReloadError: if a file cannot be read or the store cannot be
+        asked; nothing is changed then.
+    """
+    wanted = {}
+    for path in options["owner-paths"]:
+        try:
+            with open(path) as f:
+                key = readOwnerKey(f.read()).publicKey
+        except OSError as e:
+            raise ReloadError(
+                f"cannot read the owner key {path}: {e.strerror}"
+            ) from None
+        except DecisionError as e:
+            raise ReloadError(f"{path}: {e}") from None
+        wanted[key.fingerprint] = key
+    try:
+        registrations = await store.owners()
+    except StoreError as e:
+        raise ReloadError(f"cannot read the owners in the store: {e}") from None
+    for key in registeredOwners(identity, registrations):
+        wanted[key.fingerprint] = key
+    allowed: frozenset[str] = frozenset()
+    if allowList is not None:
+        try:
+            allowed = readAllowEntries(allowList.entries)
+        except ValueError as e:
+            raise ReloadError(str(e)) from None
+    owners = decisions.owners
+    added = sorted(f for f in wanted if f not in owners)
+    removed = sorted(k.fingerprint for k in owners if k.fingerprint not in wanted)
+    for fingerprint in added:
+        owners.add(wanted[fingerprint])
+        decisions.signers.add(wanted[fingerprint])
+    for fingerprint in removed:
+        owners.discard(fingerprint)
+        if fingerprint != identity.fingerprint:
+            decisions.signers.discard(fingerprint)
+    allowAdded: list[str] = []
+    allowRemoved: list[str] = []
+    if allowList is not None:
+        allowAdded = sorted(allowed - allowList.fingerprints)
+        allowRemoved = sorted(allowList.fingerprints - allowed)
+        allowList.replace(allowed)
+    log.info(
+        "dwtrust: reloaded: {owners} owner(s) ({owners_added} added,"
+        " {owners_removed} removed), {allowed} key(s) on the allow list"
+        " ({allow_added} added, {allow_removed} removed)",
+        event="dwtrust.reloaded",
+        owners=len(owners),
+        owners_added=len(added),
+        owners_removed=len(removed),
+        added_owners=added,
+        removed_owners=removed,
+        allowed=len(allowList) if allowList is not None else 0,
+        allow_added=len(allowAdded),
+        allow_removed=len(allowRemoved),
+        added_allowed=allowAdded,
+        removed_allowed=allowRemoved,
+    )
 
 
 def _limitsOf(options: Options) -> limits.Limits:

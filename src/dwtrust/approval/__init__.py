@@ -6,6 +6,7 @@ L{Decision}, or with L{None} to let the next approver of a L{ChainApprover}
 decide.  L{approverFromSpecs} makes one from C{--approver} specs.
 """
 
+from ._allow import AllowList, readAllowEntries
 from ._builtin import (
     APPROVER_SPECS,
     BUILTIN_APPROVERS,
@@ -33,6 +34,7 @@ __all__ = [
     "APPROVER_SPECS",
     "BUILTIN_APPROVERS",
     "DEFAULT_WEBHOOK_TIMEOUT",
+    "AllowList",
     "ApprovalCallback",
     "ApprovalRequest",
     "ApproverLimits",
@@ -53,5 +55,6 @@ __all__ = [
     "approverFromSpec",
     "approverFromSpecs",
     "checkApproverSpecs",
+    "readAllowEntries",
     "redactSpec",
 ]

@@ -26,7 +26,7 @@ class AddOwnerOptions(_IdentityOptions):
         "Register an owner in a service's trust store, signed with the "
         "service's own key: the local, deliberate way to recover from lost "
         "owner keys. Run it where the service's identity directory is; the "
-        "daemon reads registered owners when it starts."
+        "daemon reads registered owners when it starts, and again on SIGHUP."
     )
     optParameters = [
         *_IdentityOptions.optParameters,
@@ -90,6 +90,7 @@ async def _addOwner(options: AddOwnerOptions, out: TextIO) -> int:
         await store.close()
     out.write(
         f"registered {owner.name} ({owner.fingerprint}) as an owner of"
-        f" {service.name}; restart its daemon to take effect\n"
+        f" {service.name}; send its daemon SIGHUP (or restart it) to take"
+        " effect\n"
     )
     return OK
