@@ -424,6 +424,22 @@ def test_saysWhatNext(tmp_path: Path) -> None:
     assert f"`twistd dwtrust --identity {identity} --owner" in advice
 
 
+def test_newIdentityNarrowedQuietly(tmp_path: Path) -> None:
+    """
+    A daemon that creates its identity makes the identity's files private
+    without warning that files it has just written were readable by others:
+    the warning is for files that were there before.
+    """
+    identity = tmp_path / "identity"
+    with Daemon(tmp_path, "--identity", str(identity)) as daemon:
+        daemon.wait_for_log(r"created the identity")
+        daemon.wait_for_log(r"listening for dwtrust peers")
+        log = daemon.log()
+    assert "readable by other local users" not in log, log
+    for name in ("identity.json", "id_dwtrust.pub"):
+        assert (identity / name).stat().st_mode & 0o077 == 0, name
+
+
 def test_quietWhenReady(tmp_path: Path) -> None:
     """
     With the application up and an owner given, neither warning is logged.

@@ -883,7 +883,8 @@ def _makeService(options: Options) -> IService:
             fingerprint=identity.fingerprint,
             directory=directory.path,
         )
-    _makePrivate(directory, options["store"])
+    # A new identity's public files are narrowed too, without a warning.
+    _makePrivate(directory, options["store"], warn=not created)
     try:
         store, registrations = openStoreAtStartup(
             options["store"] or directory.child(STORE_FILE).path,
@@ -1190,7 +1191,9 @@ def _privateSocket(description: str) -> str:
     return description
 
 
-def _makePrivate(directory: FilePath[str], store: str | None) -> None:
+def _makePrivate(
+    directory: FilePath[str], store: str | None, warn: bool = True
+) -> None:
     """
     Make the identity directory C{0700} and the files in it, and a SQLite
     store elsewhere with its C{-wal} and C{-shm} files, C{0600}: no other
@@ -1199,6 +1202,9 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
     mode itself (and says so) rather than refusing to start; the private key
     is the exception, refused by L{Identity.load} if others may read it,
     since a key others could read must be replaced, not hidden.
+
+    @param warn: whether to log each file narrowed (not for an identity
+        created by this start, whose public files are written C{0644}).
 
     @raise StartupFailed: if the directory belongs to another user, or a
         mode cannot be set.
@@ -1236,6 +1242,8 @@ def _makePrivate(directory: FilePath[str], store: str | None) -> None:
                 f"{path} has mode {mode:04o} and cannot be made private"
                 f" (chmod {wanted:o}): {e.strerror}"
             ) from None
+        if not warn:
+            continue
         log.warn(
             "dwtrust: {path} had mode {old}, readable by other local users;"
             " it is now {new}",
