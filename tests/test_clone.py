@@ -387,6 +387,9 @@ def test_twistdJoinRefused(site: Site, echo: EchoServer) -> None:
             "dwtrust",
             "--identity",
             str(site.path("nope")),
+            # Not the default tcp:7443, which another program may hold.
+            "--listen",
+            f"tcp:0:interface={LOOPBACK}",
             "--join-file",
             str(forgedFile),
             cwd=site.base,
