@@ -26,8 +26,8 @@ from dwtrust._machine import Refusal
 from dwtrust.approval import AllowList, ApprovalRequest, readAllowEntries
 from dwtrust.store import KeyState, SQLiteStore
 
-from .processes import Daemon, EchoServer, describe, run_cli, run_twistd
-from .test_status import HELLO, make_identity, public_key
+from .processes import EchoServer, describe, run_cli, run_twistd
+from .test_status import HELLO, ledger_daemon, make_identity, public_key
 
 
 def peer(identity: Identity) -> PeerIdentity:
@@ -172,11 +172,8 @@ def test_allowListedKey(tmp_path: Path, echo: EchoServer) -> None:
     listing = tmp_path / "allowed"
     listing.write_text(f"# keys let in\n{billing.publicKey.openssh()}\n")
     control = f"unix:{tmp_path / 'ledger' / 'control.sock'}"
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
+    with ledger_daemon(
+        tmp_path,
         echo.forward,
         "--owner",
         public_key(alice),

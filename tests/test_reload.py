@@ -32,7 +32,7 @@ from .processes import (
     start_cli,
     start_session,
 )
-from .test_status import HELLO, make_identity, pending_ids, public_key
+from .test_status import HELLO, ledger_daemon, make_identity, pending_ids, public_key
 
 
 @pytest.fixture
@@ -72,15 +72,7 @@ def test_sighupPicksUpNewOwner(tmp_path: Path, echo: EchoServer) -> None:
     make_identity(tmp_path / "billing", "acme", "billing")
     payrollKey = make_identity(tmp_path / "payroll", "acme", "payroll")
     control = f"unix:{tmp_path / 'ledger' / 'control.sock'}"
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
-        echo.forward,
-        "--owner",
-        public_key(alice),
-    ) as daemon:
+    with ledger_daemon(tmp_path, echo.forward, "--owner", public_key(alice)) as daemon:
         session = start_session(
             "connect", "--identity", str(tmp_path / "billing"), daemon.address
         )
@@ -150,15 +142,7 @@ def test_reloadAllOrNothing(tmp_path: Path, echo: EchoServer) -> None:
     ownerFile = tmp_path / "owner.pub"
     ownerFile.write_text(Path(public_key(alice)).read_text())
     control = f"unix:{tmp_path / 'ledger' / 'control.sock'}"
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
-        echo.forward,
-        "--owner",
-        str(ownerFile),
-    ) as daemon:
+    with ledger_daemon(tmp_path, echo.forward, "--owner", str(ownerFile)) as daemon:
         ownerFile.write_text("not a key\n")
         hangup(daemon)
         line = daemon.wait_for_log(r"dwtrust: NOT reloaded: .*").group(0)

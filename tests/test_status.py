@@ -73,6 +73,21 @@ def public_key(directory: Path) -> str:
     return str(directory / f"{PRIVATE_KEY}.pub")
 
 
+def ledger_daemon(tmp_path: Path, forward: str, *options: str) -> Daemon:
+    """
+    A daemon for the identity in C{tmp_path/ledger}, forwarding to
+    C{forward}, with C{options}.
+    """
+    return Daemon(
+        tmp_path / "d",
+        "--identity",
+        str(tmp_path / "ledger"),
+        "--forward",
+        forward,
+        *options,
+    )
+
+
 def status_url(daemon: Daemon) -> str:
     """
     The base URL of a daemon's status endpoint, from its log.
@@ -287,13 +302,7 @@ def test_statusOffByDefault(tmp_path: Path, echo: EchoServer) -> None:
     Without C{--status} the daemon serves no status endpoint.
     """
     make_identity(tmp_path / "ledger", "acme", "ledger")
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
-        echo.forward,
-    ) as daemon:
+    with ledger_daemon(tmp_path, echo.forward) as daemon:
         assert "status, health and metrics" not in daemon.log()
         assert [p for name, p in daemon.bound_ports() if name == "Site"] == []
 
@@ -308,11 +317,8 @@ def test_statusAndHealth(tmp_path: Path, echo: EchoServer) -> None:
     """
     ledger = make_identity(tmp_path / "ledger", "acme", "ledger")
     make_identity(tmp_path / "alice", "acme", "alice")
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
+    with ledger_daemon(
+        tmp_path,
         echo.forward,
         "--owner",
         public_key(tmp_path / "alice"),
@@ -386,11 +392,8 @@ def test_metricsMove(tmp_path: Path, echo: EchoServer) -> None:
     make_identity(tmp_path / "billing", "acme", "billing")
     make_identity(tmp_path / "payroll", "acme", "payroll")
     control = f"unix:{tmp_path / 'ledger' / 'control.sock'}"
-    with Daemon(
-        tmp_path / "d",
-        "--identity",
-        str(tmp_path / "ledger"),
-        "--forward",
+    with ledger_daemon(
+        tmp_path,
         echo.forward,
         "--owner",
         public_key(alice),
