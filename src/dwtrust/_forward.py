@@ -147,9 +147,11 @@ class ForwardingProtocol(Protocol):
 
     def localLost(self) -> None:
         self._localGone = True
-        if self.transport is not None:
+        if self.transport is not None and not self._closed:
             # The TLS layer waits for its producer (the local connection,
             # gone now) to be unregistered before it sends close_notify.
+            # (Not once the peer's connection is lost: then it is too late,
+            # and the TLS layer has nothing left to shut down.)
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
