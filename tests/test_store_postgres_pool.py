@@ -352,9 +352,13 @@ class OutagePoolTests(TestCase):
             with self.assertRaises(StoreUnavailable):
                 await store.lookup(peerIdentity().fingerprint)
             self.assertEqual(requests(), asked + 1)
+            # As if the failure were just now, however long the steps above
+            # took on a busy machine (PROBE_INTERVAL is wall-clock time).
+            store._poolFailedAt = time.monotonic()
             record = await store.lookup(peer.fingerprint)
             assert record is not None
             self.assertEqual(record.state, KeyState.approved)
+            store._poolFailedAt = time.monotonic()
             await store.seen(peer.fingerprint, "10.0.0.1:1")
             self.assertEqual(requests(), asked + 1)
 
