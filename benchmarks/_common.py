@@ -1,8 +1,9 @@
 """
 Shared pieces of the benchmarks: the machine's description, server processes
-driven over their standard input, key and identity set-up, and the three
-systems compared (dwtrust, plain Twisted TLS with mutual self-signed
-certificates, and foolscap).
+driven over their standard input, key and identity set-up, the tables, and
+the systems compared (dwtrust, by protocol version and through its endpoint
+string; plain Twisted TLS with mutual self-signed P-256 or Ed25519
+certificates and dwtrust's key-exchange groups; and foolscap).
 
 Every benchmark runs as a driver process (the client side) that spawns its
 server side as ``python -m benchmarks.NAME server ...``; the server prints one
@@ -131,6 +132,31 @@ def emit(result: dict[str, Any]) -> None:
     Print a benchmark's result as the line C{benchmarks/run} collects.
     """
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """
+    A reStructuredText simple table.
+    """
+    widths = [
+        max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)
+    ]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append(rule)
+    for row in rows:
+        lines.append(
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        )
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def met(condition: bool) -> str:
+    """
+    How a target's result reads in the tables.
+    """
+    return "met" if condition else "MISSED"
 
 
 # --- Server processes ----------------------------------------------------------
@@ -294,15 +320,24 @@ class Echo(Protocol):
 class OneByte(Protocol):
     """
     Sends one byte, waits for its echo, closes, and fires C{done} once closed.
+    If given C{seen}, it adds what L{describe} tells of its connection, while
+    C{seen} holds fewer than L{PROBES}.
     """
 
-    def __init__(self, done: Deferred[None]) -> None:
+    def __init__(
+        self, done: Deferred[None], seen: list[dict[str, Any]] | None = None
+    ) -> None:
         self.done = done
+        self.seen = seen
 
     def connectionMade(self) -> None:
         self.transport.write(b"x")  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
+        # The handshakes are over by now (plain TLS connects its application
+        # before its handshake).
+        if self.seen is not None and len(self.seen) < PROBES:
+            self.seen.append(describe(self.transport))
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -310,10 +345,48 @@ class OneByte(Protocol):
             self.done.callback(None)
 
 
-def oneByteFactory(done: Deferred[None]) -> IProtocolFactory:
-    factory = Factory.forProtocol(lambda: OneByte(done))
+def oneByteFactory(
+    done: Deferred[None], seen: list[dict[str, Any]] | None = None
+) -> IProtocolFactory:
+    factory = Factory.forProtocol(lambda: OneByte(done, seen))
     factory.noisy = False
     return factory
+
+
+#: Connections L{OneByte} describes, at most.
+PROBES = 3
+
+
+def describe(transport: Any) -> dict[str, Any]:
+    """
+    What a connected application's transport tells of its connection: the
+    dwtrust protocol version (C{None} for plain TLS or a dwtrust without
+    versions, C{"?"} if it cannot be read), the TLS version and the
+    key-exchange group.  It reads private attributes (the handshake behind
+    dwtrust's transport, the OpenSSL connection under Twisted's TLS), so
+    anything else missing is C{None}.
+    """
+    handshake = getattr(transport, "_handshake", None)
+    tls = getattr(transport, "_tls", transport)
+    connection = getattr(tls, "_tlsConnection", None)
+    group = tlsVersion = None
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            group = connection.get_group_name()
+            group = group.decode() if isinstance(group, bytes) else group
+        with contextlib.suppress(Exception):
+            tlsVersion = connection.get_protocol_version_name()
+    protocol: int | str | None = None
+    if handshake is not None:
+        # "?": a dwtrust connection whose version cannot be read here.
+        protocol = getattr(handshake, "protocolVersion", "?")
+    elif hasattr(transport, "peer"):
+        protocol = "?"
+    return {
+        "protocol": protocol,
+        "tls": tlsVersion,
+        "group": group,
+    }
 
 
 def cpuOf(pid: int) -> float:
@@ -328,57 +401,98 @@ def cpuOf(pid: int) -> float:
 # --- Keys and identities --------------------------------------------------------
 
 
-def selfSignedPEM(name: str) -> bytes:
+def _newKey(algorithm: str) -> Any:
+    if algorithm == "ed25519":
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ValueError(f"no TLS reference for {algorithm!r}")
+
+
+def selfSignedPEM(
+    name: str, algorithm: str = "ecdsa-p256", issuerPEM: bytes | None = None
+) -> bytes:
     """
-    A P-256 key and a self-signed certificate for it, as PEM (key first).
+    A key (P-256 or Ed25519) and a certificate for it, as PEM (key first):
+    self-signed, or signed by the key and certificate in C{issuerPEM}.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = _newKey(algorithm)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer, signer = subject, key
+    if issuerPEM is not None:
+        signer = serialization.load_pem_private_key(issuerPEM, None)
+        issuer = x509.load_pem_x509_certificate(issuerPEM).subject
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
+        .add_extension(
+            x509.BasicConstraints(ca=issuerPEM is None, path_length=None), True
+        )
+        .sign(signer, None if algorithm == "ed25519" else hashes.SHA256())
     )
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ) + certificate.public_bytes(serialization.Encoding.PEM)
+    keyFormat = (
+        serialization.PrivateFormat.PKCS8
+        if algorithm == "ed25519"
+        else serialization.PrivateFormat.TraditionalOpenSSL
+    )
+    keyPEM: bytes = key.private_bytes(
+        serialization.Encoding.PEM, keyFormat, serialization.NoEncryption()
+    )
+    return keyPEM + certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def tlsOptions(ownPEM: bytes, peerPEM: bytes) -> Any:
+def tlsOptions(ownPEM: bytes, peerPEM: bytes, *morePeers: bytes) -> Any:
     """
     Plain Twisted TLS options for either side: our certificate, the peer's
-    self-signed certificate as the only trust root (so it is required and
-    checked), TLS 1.3, no session cache and no tickets (CertificateOptions'
-    defaults).
+    self-signed certificate (and any of C{morePeers}) as the only trust roots
+    (so it is required and checked), TLS 1.3, no session cache and no tickets
+    (CertificateOptions' defaults), and dwtrust's key-exchange groups
+    (X25519MLKEM768 first), so that the reference pays for the same key
+    exchange as dwtrust.
     """
     from twisted.internet import ssl
 
+    from dwtrust._tls import PREFERRED_GROUPS, setGroups
+
     own = ssl.PrivateCertificate.loadPEM(ownPEM)
-    peer = ssl.Certificate.loadPEM(peerPEM)
-    return ssl.CertificateOptions(
+    peers = [ssl.Certificate.loadPEM(pem) for pem in (peerPEM, *morePeers)]
+    options = ssl.CertificateOptions(
         privateKey=own.privateKey.original,
         certificate=own.original,
-        trustRoot=ssl.trustRootFromCertificates([peer]),
+        trustRoot=ssl.trustRootFromCertificates(peers),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
         enableSessions=False,
         enableSessionTickets=False,
     )
+    # CertificateOptions builds its context once and keeps it: set the groups
+    # on that one.
+    setGroups(options.getContext(), PREFERRED_GROUPS)
+    return options
+
+
+def tlsPEMs(paths: dict[str, str], algorithm: str = "ecdsa-p256") -> tuple[str, str]:
+    """
+    The plain TLS server's and client's PEM files for C{algorithm}.
+    """
+    if algorithm == "ed25519":
+        return paths["serverPEMEd25519"], paths["clientPEMEd25519"]
+    return paths["serverPEM"], paths["clientPEM"]
 
 
 def setUp(directory: Path, algorithm: str = "ecdsa-p256") -> dict[str, str]:
     """
     Make what the three systems need in C{directory}: dwtrust identities for a
     server and a client (of C{algorithm}), the server's store with the client
-    approved by a signed decision, and P-256 PEMs for TLS and foolscap.
+    approved by a signed decision, and P-256 and Ed25519 PEMs for plain TLS
+    (P-256 for foolscap).
     """
     from twisted.python.filepath import FilePath
 
@@ -392,6 +506,8 @@ def setUp(directory: Path, algorithm: str = "ecdsa-p256") -> dict[str, str]:
         "clientStore": str(directory / f"client-{algorithm}.sqlite3"),
         "serverPEM": str(directory / "server.pem"),
         "clientPEM": str(directory / "client.pem"),
+        "serverPEMEd25519": str(directory / "server-ed25519.pem"),
+        "clientPEMEd25519": str(directory / "client-ed25519.pem"),
     }
     if not Path(paths["server"]).exists():
         server = Identity.generate("bench", "server", algorithm)
@@ -403,9 +519,14 @@ def setUp(directory: Path, algorithm: str = "ecdsa-p256") -> dict[str, str]:
             server,
             [PeerIdentity(client.org, client.service, client.publicKey)],
         )
-    for which in ("serverPEM", "clientPEM"):
+    for which, tlsAlgorithm in (
+        ("serverPEM", "ecdsa-p256"),
+        ("clientPEM", "ecdsa-p256"),
+        ("serverPEMEd25519", "ed25519"),
+        ("clientPEMEd25519", "ed25519"),
+    ):
         if not Path(paths[which]).exists():
-            Path(paths[which]).write_bytes(selfSignedPEM(which))
+            Path(paths[which]).write_bytes(selfSignedPEM(which, tlsAlgorithm))
     return paths
 
 
@@ -482,6 +603,85 @@ def approve(storePath: str, signer: Any, peers: list[Any]) -> None:
     connection.close()
 
 
+# --- Protocol versions ----------------------------------------------------------
+
+
+def hasVersions() -> bool:
+    """
+    Whether the dwtrust imported speaks more than protocol version 1: its
+    L{Authenticator} takes C{versions}.
+    """
+    import attrs
+
+    from dwtrust import Authenticator
+
+    return "versions" in attrs.fields_dict(Authenticator)
+
+
+def requireVersions(versions: tuple[int, ...] | None, what: str) -> None:
+    """
+    Exit with a one-line message if C{versions} are asked for and the dwtrust
+    imported cannot be told them.
+    """
+    if versions is None or hasVersions():
+        return
+    import dwtrust
+
+    where = Path(dwtrust.__file__).parent.parent
+    raise SystemExit(
+        f"{what}: the dwtrust in {where} has no protocol versions"
+        f" (Authenticator takes no versions=), so versions={versions!r}"
+        " cannot be measured; run with PYTHONPATH pointing at a dwtrust that"
+        " has version 2, or leave version 2 out (--versions 1)"
+    )
+
+
+def checkProtocol(
+    module: str, name: str, expected: int | None, seen: list[dict[str, Any]]
+) -> None:
+    """
+    Print what the first connections of C{name} negotiated (L{describe}); exit
+    with a one-line message if a dwtrust that has versions negotiated another
+    protocol version than C{expected}, as its figures would then measure the
+    wrong thing.
+    """
+    if not seen:
+        print(f"  {name}: (no connection described)", file=sys.stderr, flush=True)
+        return
+    first = seen[0]
+    print(
+        f"  {name}: dwtrust protocol {first['protocol']}, {first['tls']},"
+        f" group {first['group']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if expected is None or not hasVersions():
+        return
+    got = {s["protocol"] for s in seen}
+    if "?" in got:
+        print(
+            f"  {name}: WARNING: the negotiated protocol version cannot be read"
+            " (dwtrust's transport changed?); not checked",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if got != {expected}:
+        raise SystemExit(
+            f"{module}: {name} negotiated dwtrust protocol version(s)"
+            f" {sorted(got, key=str)}, not {expected}: its figures would measure"
+            " the wrong thing"
+        )
+
+
+def versionsArgument(versions: tuple[int, ...] | None) -> dict[str, Any]:
+    """
+    C{versions} as keyword arguments for L{Authenticator}: none for the
+    default (or a dwtrust without versions).
+    """
+    return {} if versions is None else {"versions": versions}
+
+
 # --- The systems: servers ------------------------------------------------------
 
 
@@ -505,9 +705,13 @@ def listenDwtrust(
     approver: Any = "known-only",
     timeout: float = 10.0,
     limits: Any = None,
+    versions: tuple[int, ...] | None = None,
 ) -> Deferred[Any]:
     """
     Listen with dwtrust on a free port; fire with (port, authenticator).
+
+    @param versions: the protocol versions the server accepts (C{None}: the
+        default).
 
     @param limits: the server's L{dwtrust.Limits}, if not the defaults with
         no caps on connections per source or in total.
@@ -544,6 +748,7 @@ def listenDwtrust(
             timeout=timeout,
             decisionTimeout=120.0,
             limits=_benchmarkLimits() if limits is None else limits,
+            **versionsArgument(versions),
         )
         port = reactor.listenTCP(
             0,
@@ -579,12 +784,21 @@ def listenDwtrust(
 
 
 def listenTLS(
-    reactor: Any, paths: dict[str, str], application: IProtocolFactory
+    reactor: Any,
+    paths: dict[str, str],
+    application: IProtocolFactory,
+    algorithm: str = "ecdsa-p256",
+    *morePeers: bytes,
 ) -> Any:
+    """
+    Listen with plain Twisted TLS (L{tlsOptions}) on a free port, with the
+    certificates of C{algorithm}; C{morePeers} are more trust roots.
+    """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    serverPEM, clientPEM = tlsPEMs(paths, algorithm)
     options = tlsOptions(
-        Path(paths["serverPEM"]).read_bytes(), Path(paths["clientPEM"]).read_bytes()
+        Path(serverPEM).read_bytes(), Path(clientPEM).read_bytes(), *morePeers
     )
     return reactor.listenTCP(
         0,
@@ -673,13 +887,26 @@ Connect = Callable[[], Awaitable[None]]
 
 
 def dwtrustConnector(
-    reactor: Any, paths: dict[str, str], port: int, memory: bool = False
+    reactor: Any,
+    paths: dict[str, str],
+    port: int,
+    memory: bool = False,
+    versions: tuple[int, ...] | None = None,
+    seen: list[dict[str, Any]] | None = None,
+    address: str | None = None,
 ) -> Deferred[tuple[Connect, Any]]:
     """
-    Fire with (connect once, authenticator) for a dwtrust client.
+    Fire with (connect once, authenticator) for a dwtrust client through
+    L{Authenticator.clientEndpoint}.
 
     @param memory: keep the client's pins in memory (a diagnostic).
+    @param versions: the protocol versions the client offers (C{None}: the
+        default).
+    @param seen: where the first connections are described (L{describe}).
+    @param address: the name the server is pinned under (default: its
+        address).
     """
+    import attrs
     from twisted.internet.endpoints import TCP4ClientEndpoint
     from twisted.python.filepath import FilePath
 
@@ -688,13 +915,18 @@ def dwtrustConnector(
     identity = Identity.load(FilePath(paths["client"]))
 
     def opened(authenticator: Any) -> tuple[Connect, Any]:
-        endpoint = authenticator.clientEndpoint(
-            TCP4ClientEndpoint(reactor, HOST, port), f"{HOST}:{port}"
+        used = authenticator
+        if versions is not None:
+            # The same policies and store; the original keeps them and
+            # closes them.
+            used = attrs.evolve(authenticator, **versionsArgument(versions))
+        endpoint = used.clientEndpoint(
+            TCP4ClientEndpoint(reactor, HOST, port), address or f"{HOST}:{port}"
         )
 
         def connect() -> Deferred[None]:
             done: Deferred[None] = Deferred()
-            endpoint.connect(oneByteFactory(done)).addErrback(done.errback)
+            endpoint.connect(oneByteFactory(done, seen)).addErrback(done.errback)
             return done
 
         return connect, authenticator
@@ -713,23 +945,59 @@ def dwtrustConnector(
     ).addCallback(opened)
 
 
-def tlsConnector(reactor: Any, paths: dict[str, str], port: int) -> Connect:
+def stringConnector(
+    reactor: Any,
+    paths: dict[str, str],
+    port: int,
+    seen: list[dict[str, Any]] | None = None,
+) -> Connect:
+    """
+    A dwtrust client through the C{dwtrust:} client endpoint string, as a
+    program using C{clientFromString} has it, over a pin store of its own.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    from dwtrust._endpoints import quoteArgument
+
+    store = Path(paths["client"] + "-string")
+    store.mkdir(exist_ok=True)
+    description = (
+        f"dwtrust:tcp:host={HOST}:port={port}"
+        f":identity={quoteArgument(paths['client'])}"
+        f":store={quoteArgument(str(store / 'pins.sqlite3'))}"
+    )
+    endpoint = clientFromString(reactor, description)
+
+    def connect() -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        endpoint.connect(oneByteFactory(done, seen)).addErrback(done.errback)
+        return done
+
+    return connect
+
+
+def tlsConnector(
+    reactor: Any,
+    paths: dict[str, str],
+    port: int,
+    algorithm: str = "ecdsa-p256",
+    seen: list[dict[str, Any]] | None = None,
+) -> Connect:
     """
     Plain Twisted TLS: C{TLSMemoryBIOFactory} over TCP, with the options of
-    L{tlsOptions} (no hostname check: like dwtrust, the trust root is the
-    server's own certificate).
+    L{tlsOptions} and the certificates of C{algorithm} (no hostname check:
+    like dwtrust, the trust root is the server's own certificate).
     """
     from twisted.internet.endpoints import TCP4ClientEndpoint
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    options = tlsOptions(
-        Path(paths["clientPEM"]).read_bytes(), Path(paths["serverPEM"]).read_bytes()
-    )
+    serverPEM, clientPEM = tlsPEMs(paths, algorithm)
+    options = tlsOptions(Path(clientPEM).read_bytes(), Path(serverPEM).read_bytes())
     endpoint = TCP4ClientEndpoint(reactor, HOST, port)
 
     def connect() -> Deferred[None]:
         done: Deferred[None] = Deferred()
-        wrapped = TLSMemoryBIOFactory(options, True, oneByteFactory(done))
+        wrapped = TLSMemoryBIOFactory(options, True, oneByteFactory(done, seen))
         endpoint.connect(wrapped).addErrback(done.errback)
         return done
 
