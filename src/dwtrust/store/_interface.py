@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Callable
 
@@ -93,10 +94,14 @@ def sourceHost(source: str) -> str:
     return hostPrefix(_host(source))
 
 
+@functools.lru_cache(maxsize=4096)
 def hostPrefix(host: str) -> str:
     """
     The prefix an IP address is grouped under (see L{sourceHost}); C{host}
     itself if it is no IP address.
+
+    Every connection asks this of its source, and parsing an address takes
+    tens of microseconds: the answers for recent hosts are remembered.
     """
     try:
         address = ipaddress.ip_address(host.partition("%")[0])
