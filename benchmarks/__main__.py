@@ -26,6 +26,7 @@ BENCHMARKS = (
     "idle",
     "store",
     "storm",
+    "relay",
 )
 
 
@@ -166,6 +167,46 @@ def summary(machine: dict[str, str], results: dict[str, Any]) -> str:
         from . import storm
 
         out += ["", storm.report(results["storm"])]
+    if "relay" in results:
+        r = results["relay"]["results"]
+        systems = [s for s in ("direct", "stunnel", "dwtrust") if s in r]
+        rows = []
+        for mode in ("persistent", "connect"):
+            for system in systems:
+                figures = r[system].get(mode)
+                if figures is None:
+                    continue
+                ratio = figures.get("vsStunnel")
+                rows.append(
+                    [
+                        mode,
+                        system,
+                        f"{figures['tps']:.0f}",
+                        f"{figures['tpsMin']:.0f}-{figures['tpsMax']:.0f}",
+                        f"{figures['latencyMs']:.3f}",
+                        "-" if ratio is None else f"{ratio:.2f}x",
+                    ]
+                )
+        out += [
+            "",
+            f"Relay: pgbench -S -c {r['clients']} through two hops"
+            f" ({r['rounds']} rounds of {r['seconds']} s; connect = pgbench -C)",
+            "",
+            table(
+                ["mode", "system", "tps", "range", "latency ms", "vs stunnel (>=1)"],
+                rows,
+            ),
+        ]
+        cpu = [
+            [s, f"{r[s]['cpuPerKiloTransaction']:.3f}"]
+            for s in systems
+            if "cpuPerKiloTransaction" in r[s]
+        ]
+        if cpu:
+            out += [
+                "",
+                table(["relay processes", "CPU s per 1000 transactions"], cpu),
+            ]
     return "\n".join(out)
 
 

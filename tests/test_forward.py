@@ -26,6 +26,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from dwtrust._forward import ForwardingFactory, ForwardingProtocol
+from dwtrust._identity import PeerIdentity
+
+from .helpers import makeIdentity
 
 TARGET = "tcp:host=127.0.0.1:port=8080"
 PEER = IPv4Address("TCP", "10.1.2.3", 40000)
@@ -203,3 +206,36 @@ class ForwardingProtocolTests(SynchronousTestCase):
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertFalse(local.connected)
         self.assertEqual(self.errors(), [])
+
+
+class BeforeAcceptTests(SynchronousTestCase):
+    """
+    L{ForwardingProtocol} behind a dwtrust server, which reaches the
+    application before it accepts the peer (L{ForwardingProtocol.beforeAccept}).
+    """
+
+    def test_applicationBytesWaitForPeer(self) -> None:
+        """
+        The local connection, made before the peer is accepted, is paused
+        until the peer is connected: what the application sends first (a
+        greeting) waits in its socket, then reaches the peer; the peer's
+        bytes reach the application.
+        """
+        endpoint = FakeEndpoint()
+        factory = ForwardingFactory([(endpoint, TARGET)])
+        protocol = cast(ForwardingProtocol, factory.buildProtocol(PEER))
+        client = makeIdentity("acme", "billing")
+        ready = protocol.beforeAccept(PeerIdentity("acme", "billing", client.publicKey))
+        self.assertNoResult(ready)
+        local = endpoint.succeed()
+        self.successResultOf(ready)
+        self.assertEqual(local.producerState, "paused")
+        peer = StringTransportWithDisconnection(peerAddress=PEER)
+        peer.protocol = protocol
+        protocol.makeConnection(peer)
+        self.assertEqual(local.producerState, "producing")
+        assert local.protocol is not None
+        local.protocol.dataReceived(b"greeting")
+        self.assertEqual(peer.value(), b"greeting")
+        protocol.dataReceived(b"hello")
+        self.assertEqual(local.value(), b"hello")

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,19 @@ import pytest
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+)
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import (
     EventLoggingObserver,
     StringTransportWithDisconnection,
@@ -40,8 +48,11 @@ from zope.interface import implementer
 from dwtrust import ErrorCode, HandshakeFailed, ServerEndpoint
 from dwtrust._forward import ForwardingFactory
 from dwtrust._sidecar import Mapping, SidecarFactory, SidecarProtocol
+from dwtrust.approval import AutoApprover
 from dwtrust.tap import Options, makeService
 
+from .helpers import RecordingFactory, makeIdentity
+from .helpers import makeService as dwtrustEnd
 from .processes import (
     DEADLINE,
     LOOPBACK,
@@ -369,6 +380,129 @@ class SidecarProtocolTests(SynchronousTestCase):
         remote.trusted.callback(None)
         self.local.loseConnection()
         self.assertFalse(remote.connected)
+
+
+# Real sockets, in this process
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """
+    Wait (on the real reactor) until C{check()} is true, for at most
+    L{DEADLINE} seconds.
+    """
+    from twisted.internet import reactor
+
+    waited = 0.0
+    while not check():
+        if waited > DEADLINE:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01)
+        waited += 0.01
+
+
+class PlainClient(Protocol):
+    """
+    A plain TCP client of the sidecar: sends C{request} once connected, and
+    keeps what it receives.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
+
+
+class RealSocketTests(TestCase):
+    """
+    A sidecar on loopback sockets, between a plain client and a dwtrust
+    server (both in this process).
+    """
+
+    async def relay(self, greeting: bytes) -> tuple[PlainClient, RecordingFactory]:
+        """
+        Start a dwtrust server whose application writes C{greeting} once
+        connected, and a sidecar in front of it; connect a plain client that
+        sends C{HELLO}, and wait until each end has the other's bytes.
+        """
+        from twisted.internet import reactor
+
+        server = dwtrustEnd(
+            reactor, makeIdentity("acme", "ledger"), approver=AutoApprover()
+        )
+        client = dwtrustEnd(reactor, makeIdentity("acme", "billing"))
+        application = RecordingFactory(greeting=[greeting])
+        port = await server.authenticator.serverEndpoint(
+            TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK)
+        ).listen(application)
+        self.addCleanup(port.stopListening)
+        address = f"{LOOPBACK}:{port.getHost().port}"
+        sidecar = SidecarFactory(
+            client.authenticator.clientEndpoint(
+                TCP4ClientEndpoint(reactor, LOOPBACK, port.getHost().port), address
+            ),
+            address,
+            reactor,
+        )
+        local = await TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(sidecar)
+        self.addCleanup(local.stopListening)
+        plain = PlainClient(HELLO)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, LOOPBACK, local.getHost().port), plain
+        )
+        await until(
+            lambda: application.received == HELLO and plain.received == greeting,
+            "the bytes of both ends to go through",
+        )
+        return plain, application
+
+    def test_localClosesFirst(self) -> Deferred[None]:
+        """
+        When the local client closes first, the sidecar ends the TLS session
+        cleanly (C{close_notify}): the remote application sees an orderly
+        end, not a connection cut off.
+        """
+
+        async def run() -> None:
+            plain, application = await self.relay(b"welcome\n")
+            assert plain.transport is not None
+            plain.transport.loseConnection()
+            [served] = application.protocols
+            await until(lambda: served.lostReason is not None, "the remote to end")
+            assert served.lostReason is not None
+            self.assertTrue(
+                served.lostReason.check(ConnectionDone),
+                f"the TLS session was not closed cleanly: {served.lostReason}",
+            )
+
+        return Deferred.fromCoroutine(run())
+
+    def test_remoteClosesFirst(self) -> Deferred[None]:
+        """
+        When the remote application closes first, the local client reads
+        everything it sent, then an orderly end.
+        """
+
+        async def run() -> None:
+            big = os.urandom(1 << 20)
+            plain, application = await self.relay(big)
+            [served] = application.protocols
+            served.transport.loseConnection()
+            await until(lambda: plain.lost is not None, "the local client to end")
+            assert plain.lost is not None
+            self.assertEqual(plain.received, big)
+            self.assertTrue(plain.lost.check(ConnectionDone), str(plain.lost))
+
+        return Deferred.fromCoroutine(run())
 
 
 # Real processes

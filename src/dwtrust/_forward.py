@@ -8,7 +8,7 @@ to the next one when one cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,6 +21,7 @@ from zope.interface import implementer
 from ._identity import PeerIdentity
 from ._machine import Refusal
 from ._protocol import IBeforeAccept
+from ._relay import fastWrites, noDelay
 from ._wire import ErrorCode
 
 #: The start of the message of the C{unavailable} refusal a daemon sends when
@@ -69,6 +70,8 @@ class ForwardingProtocol(Protocol):
     def __init__(self) -> None:
         self._pending: list[bytes] = []
         self._local: ITransport | None = None
+        self._writeLocal: Callable[[bytes], None] | None = None
+        self._writePeer: Callable[[bytes], None] | None = None
         self._localGone = False
         self._connecting: Deferred[Any] | None = None
         self._ready: Deferred[None] | None = None
@@ -123,27 +126,35 @@ class ForwardingProtocol(Protocol):
             local.loseConnection()
             return
         self._local = local
+        noDelay(local)
+        self._writeLocal = fastWrites(local)
         ready, self._ready = self._ready, None
         if ready is not None:
-            # Accepting the peer connects us (see connectionMade).
+            # Accepting the peer connects us (see connectionMade); until
+            # then, what the application sends first waits in its socket.
+            local.pauseProducing()  # type: ignore[attr-defined]
             ready.callback(None)
             return
         self._splice()
 
     def _splice(self) -> None:
         local = self._local
-        assert local is not None
+        assert local is not None and self._writeLocal is not None
+        noDelay(self.transport)
+        self._writePeer = fastWrites(self.transport)
         for data in self._pending:
-            local.write(data)
+            self._writeLocal(data)
         self._pending = []
         # Each side stops reading when the other cannot keep up.
         local.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         self.transport.registerProducer(local, True)
         self.transport.resumeProducing()
+        if self._gated:
+            local.resumeProducing()  # type: ignore[attr-defined]
 
     def localData(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        if self._writePeer is not None:
+            self._writePeer(data)
 
     def localLost(self) -> None:
         self._localGone = True
@@ -184,10 +195,10 @@ class ForwardingProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._local is None:
+        if self._writeLocal is None:
             self._pending.append(data)
         else:
-            self._local.write(data)
+            self._writeLocal(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True

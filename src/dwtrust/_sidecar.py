@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._protocol import CLOSE_GRACE, HandshakeFailed, _describe
+from ._relay import fastWrites, noDelay
 
 #: C{HOST:PORT}, C{[V6ADDRESS]:PORT}.
 _HOST_PORT = re.compile(
@@ -190,7 +192,7 @@ class _Remote(Protocol):
         self._local.remoteConnected(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self._local.transport.write(data)
+        self._local.remoteData(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._local.remoteLost(reason)
@@ -219,6 +221,8 @@ class SidecarProtocol(Protocol):
     def __init__(self) -> None:
         self._pending: list[bytes] = []
         self._remote: ITransport | None = None
+        self._writeRemote: Callable[[bytes], None] | None = None
+        self._writeLocal: Callable[[bytes], None] | None = None
         self._trusted = False
         self._connecting: Deferred[Any] | None = None
         self._closed = False
@@ -228,6 +232,8 @@ class SidecarProtocol(Protocol):
     def connectionMade(self) -> None:
         self._source = _describe(self.transport.getPeer())
         self.transport.pauseProducing()
+        noDelay(self.transport)
+        self._writeLocal = fastWrites(self.transport)
         remotes = Factory.forProtocol(lambda: _Remote(self))
         remotes.noisy = False
         connecting = self._connecting = self.factory.remote.connect(remotes)
@@ -243,15 +249,24 @@ class SidecarProtocol(Protocol):
             remote.loseConnection()
             return
         self._remote = remote
+        noDelay(remote)
         remote.whenTrusted().addCallbacks(self._accepted, lambda _: None)
+
+    def remoteData(self, data: bytes) -> None:
+        """
+        Bytes from the remote peer, for the local client.
+        """
+        assert self._writeLocal is not None
+        self._writeLocal(data)
 
     def _accepted(self, _: object) -> None:
         remote = self._remote
         if self._closed or remote is None:
             return
         self._trusted = True
+        write = self._writeRemote = fastWrites(remote)
         for data in self._pending:
-            remote.write(data)
+            write(data)
         self._pending = []
         # Each side stops reading when the other cannot keep up.
         remote.registerProducer(self.transport, True)  # type: ignore[attr-defined]
@@ -329,8 +344,8 @@ class SidecarProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing is not None:
             return
-        if self._trusted and self._remote is not None:
-            self._remote.write(data)
+        if self._trusted and self._writeRemote is not None:
+            self._writeRemote(data)
         else:
             self._pending.append(data)
 
@@ -343,6 +358,12 @@ class SidecarProtocol(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         elif self._remote is not None:
+            if self._trusted:
+                # The TLS layer waits for its producer (this connection, gone
+                # now) to be unregistered before it sends close_notify.  (Not
+                # once the remote connection is lost: then _remote is None.)
+                self._trusted = False
+                self._remote.unregisterProducer()  # type: ignore[attr-defined]
             self._remote.loseConnection()
 
 
