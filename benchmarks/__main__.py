@@ -21,6 +21,7 @@ from ._common import ROOT, machineInfo, met, table
 BENCHMARKS = (
     "components",
     "connections",
+    "endpoints",
     "latency",
     "throughput",
     "idle",
@@ -76,6 +77,47 @@ def summary(machine: dict[str, str], results: dict[str, Any]) -> str:
                 [
                     [n, f"{r['ecdsa-p256'][n]:.0f}", f"{r['ed25519'][n]:.0f}"]
                     for n in names
+                ],
+            ),
+        ]
+    if "components" in results and "budget" in results["components"]:
+        budget = results["components"]["budget"]
+        plain = next(iter(budget.values()))
+        out += [
+            "",
+            "Per-connection budget of a dwtrust server connection (CPU, in process)",
+            "",
+            table(
+                ["piece", "us", "x plain TLS (server side)"],
+                [[n, f"{v:.1f}", f"{v / plain:.1%}"] for n, v in budget.items()],
+            ),
+        ]
+    if "endpoints" in results:
+        r = results["endpoints"]["results"]
+        out += [
+            "",
+            "Client endpoint string vs the API vs plain TLS (conn/s)",
+            "",
+            table(
+                [
+                    "concurrent",
+                    "TLS/s",
+                    "API/s",
+                    "string/s",
+                    "string vs TLS",
+                    "client CPU ms/conn API / string",
+                ],
+                [
+                    [
+                        c,
+                        f"{v['tls']['rate']:.0f}",
+                        f"{v['api']['rate']:.0f}",
+                        f"{v['string']['rate']:.0f}",
+                        f"{v['string']['rate'] / v['tls']['rate']:.2f}x",
+                        f"{v['api']['clientCpuMs']:.2f} /"
+                        f" {v['string']['clientCpuMs']:.2f}",
+                    ]
+                    for c, v in r.items()
                 ],
             ),
         ]

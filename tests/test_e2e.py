@@ -34,7 +34,13 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from dwtrust import ErrorCode, HandshakeFailed, Identity, PeerIdentity
+from dwtrust import (
+    ErrorCode,
+    HandshakeFailed,
+    Identity,
+    PeerIdentity,
+    closeEndpointStores,
+)
 
 from .processes import (
     LOOPBACK,
@@ -642,6 +648,9 @@ class EndpointStringTests(TestCase):
         self.client.save(self.clientDir)
         self.poolsBefore = openPools()
         self.addCleanup(self.closeLeakedPools)
+        # The client strings' shared store lingers for two seconds after
+        # the last connection; the reactor must be clean when a test ends.
+        self.addCleanup(closeEndpointStores, reactor)
 
     def closeLeakedPools(self) -> None:
         # A safety net, not a fix: the endpoints open SQLite stores that the

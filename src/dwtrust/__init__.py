@@ -8,6 +8,7 @@ application protocol is connected only once its peer is trusted.
 """
 
 from ._authority import DecisionRejected, Decisions, DecisionStoreFailed
+from ._endpoints import closeEndpointStores
 from ._identity import Identity, IdentityError, PeerIdentity, PublicKey
 from ._limits import Limits
 from ._machine import Refusal
@@ -38,5 +39,6 @@ __all__ = [
     "Refusal",
     "ServerEndpoint",
     "__version__",
+    "closeEndpointStores",
     "openAuthenticator",
 ]

@@ -44,6 +44,8 @@ from .store._newest import NewestDecisions
 #: first; the wait doubles up to L{MAX_RETRY}.
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
+#: Stored decisions remembered as counting, at most (see L{Decisions.verify}).
+MAX_COUNTED = 100_000
 _log = Logger()
 
 
@@ -131,6 +133,12 @@ class Decisions:
         self._unstored: dict[str, tuple[SignedDecision, IDelayedCall]] = {}
         #: Rollbacks already reported, so that each is reported once.
         self._reported: set[tuple[str, bytes]] = set()
+        #: Stored decisions that counted, by (decision, key, place), with
+        #: the signers' generation and whether this instance was carried
+        #: over then: a known key's lookup does not decode it again.
+        self._counted: dict[
+            tuple[bytes, str, int], tuple[int, bool, SignedDecision]
+        ] = {}
 
     @property
     def serviceName(self) -> str:
@@ -159,6 +167,14 @@ class Decisions:
                 state=record.state.value,
             )
             return None
+        remembered = (record.decision, record.fingerprint, record.sequence)
+        counted = self._counted.get(remembered)
+        if (
+            counted is not None
+            and counted[0] == self.signers.generation
+            and counted[1] == self.newest.carriedOver
+        ):
+            return counted[2]
         try:
             decision = SignedDecision.decode(record.decision)
             self._check(decision, self.signers)
@@ -180,6 +196,13 @@ class Decisions:
                 state=record.state.value,
             )
             return None
+        if len(self._counted) >= MAX_COUNTED:
+            self._counted.clear()
+        self._counted[remembered] = (
+            self.signers.generation,
+            self.newest.carriedOver,
+            decision,
+        )
         return decision
 
     def _check(self, decision: SignedDecision, signers: Signers) -> None:
@@ -196,7 +219,7 @@ class Decisions:
             signers.verify(decision, self.serviceName, self.identity.fingerprint)
         decision.subject()
 
-    async def current(self, record: KeyRecord) -> SignedDecision | None:
+    def current(self, record: KeyRecord) -> Deferred[SignedDecision | None]:
         """
         The decision in force about C{record}'s key: the newer of the one
         stored (if it counts) and the one this instance remembers.  A stored
@@ -204,16 +227,28 @@ class Decisions:
         that differs at the same place in history, is a rollback: refused,
         logged and reported to the owners.
         """
-        decision, _ = await self._current(record)
-        return decision
+        return self._current(record).addCallback(lambda found: found[0])
 
-    async def _current(self, record: KeyRecord) -> tuple[SignedDecision | None, bool]:
+    def _current(
+        self, record: KeyRecord
+    ) -> Deferred[tuple[SignedDecision | None, bool]]:
         """
-        @return: the decision in force, and whether it is news to this
-            instance.
+        Fires with the decision in force, and whether it is news to this
+        instance: at once if this instance remembers the key's newest
+        decision in memory (no coroutine: this is every known key's
+        handshake).
         """
         stored = self.verify(record)
-        remembered = await self.newest.get(record.fingerprint)
+        return self.newest.get(record.fingerprint).addCallback(
+            self._inForce, record, stored
+        )
+
+    def _inForce(
+        self,
+        remembered: SignedDecision | None,
+        record: KeyRecord,
+        stored: SignedDecision | None,
+    ) -> tuple[SignedDecision | None, bool]:
         if remembered is None:
             if stored is not None:
                 self.newest.remember(stored)

@@ -232,6 +232,8 @@ class Signers:
 
     def __init__(self, keys: Iterable[PublicKey] = ()) -> None:
         self._keys: dict[str, PublicKey] = {}
+        #: Changes whenever the keys change (what verified may not now).
+        self.generation = 0
         #: Decisions that verified, with the keys as they were then.
         self._verified: dict[tuple[bytes, str, str | None], None] = {}
         for key in keys:
@@ -240,6 +242,7 @@ class Signers:
     def add(self, key: PublicKey) -> None:
         self._keys[key.fingerprint] = key
         self._verified.clear()
+        self.generation += 1
 
     def discard(self, fingerprint: str) -> None:
         """
@@ -247,6 +250,7 @@ class Signers:
         """
         if self._keys.pop(fingerprint, None) is not None:
             self._verified.clear()
+            self.generation += 1
 
     def __contains__(self, fingerprint: object) -> bool:
         return fingerprint in self._keys

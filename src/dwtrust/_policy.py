@@ -30,7 +30,14 @@ from ._identity import Identity, PeerIdentity
 from ._machine import Refusal
 from ._wire import ErrorCode
 from .approval import ApprovalRequest, Decision, IApprover
-from .store import IKnownServices, ITrustStore, KeyRecord, KeyState, StoreUnavailable
+from .store import (
+    DecisionConflict,
+    IKnownServices,
+    ITrustStore,
+    KeyRecord,
+    KeyState,
+    StoreUnavailable,
+)
 from .store._newest import NewestDecisions
 
 _REFUSED_STATES = {
@@ -112,7 +119,12 @@ class ApprovalPolicy:
         return self.identity.name
 
     def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
-        checking = Deferred.fromCoroutine(self._check(peer, source))
+        # A known key's check is callbacks on Deferreds that have fired
+        # already (the stores answer it from memory): no coroutine, and no
+        # wait for the reactor.
+        checking = self.store.lookup(peer.fingerprint).addCallback(
+            self._checkRecord, peer, source
+        )
         return checking.addErrback(self._unavailable, peer, source)
 
     def _unavailable(self, failure: Failure, peer: PeerIdentity, source: str) -> None:
@@ -144,25 +156,44 @@ class ApprovalPolicy:
         # Counting the attempt need not hold up the handshake.
         self.store.seen(peer.fingerprint, source).addErrback(self._countFailed)
 
-    async def _check(self, peer: PeerIdentity, source: str) -> None:
-        record = await self.store.lookup(peer.fingerprint)
-        if record is not None:
-            decision = await self.decisions.current(record)
-            if decision is not None:
-                self._sameIdentity(peer, source, decision)
-                self._seen(peer, source)
-                if decision.state != KeyState.approved.value:
-                    code = _REFUSED_STATES[KeyState(decision.state)]
-                    raise Refusal(code, f"this key is {decision.state}")
-                if self.approvedFrom is not None:
-                    self.approvedFrom(source)
-                return
-            if record.state not in (KeyState.pending, KeyState.approved):
-                # A refusal stands even unsigned: failing closed is safe.
-                self._seen(peer, source)
-                code = _REFUSED_STATES[record.state]
-                raise Refusal(code, f"this key is {record.state.value}")
-            # An approval nobody signed counts for nothing: ask afresh.
+    def _checkRecord(
+        self, record: KeyRecord | None, peer: PeerIdentity, source: str
+    ) -> Deferred[None]:
+        if record is None:
+            return Deferred.fromCoroutine(self._ask(peer, source))
+        return self.decisions.current(record).addCallback(
+            self._decided, record, peer, source
+        )
+
+    def _decided(
+        self,
+        decision: SignedDecision | None,
+        record: KeyRecord,
+        peer: PeerIdentity,
+        source: str,
+    ) -> Deferred[None] | None:
+        if decision is not None:
+            self._sameIdentity(peer, source, decision)
+            self._seen(peer, source)
+            if decision.state != KeyState.approved.value:
+                code = _REFUSED_STATES[KeyState(decision.state)]
+                raise Refusal(code, f"this key is {decision.state}")
+            if self.approvedFrom is not None:
+                self.approvedFrom(source)
+            return None
+        if record.state not in (KeyState.pending, KeyState.approved):
+            # A refusal stands even unsigned: failing closed is safe.
+            self._seen(peer, source)
+            code = _REFUSED_STATES[record.state]
+            raise Refusal(code, f"this key is {record.state.value}")
+        # An approval nobody signed counts for nothing: ask afresh.
+        return Deferred.fromCoroutine(self._ask(peer, source))
+
+    async def _ask(self, peer: PeerIdentity, source: str) -> None:
+        """
+        A key with no decision in force: refuse a new key for a known
+        identity, else ask the approver.
+        """
         for other in await self.store.keysFor(peer.org, peer.service):
             if (
                 other.fingerprint != peer.fingerprint
@@ -190,13 +221,21 @@ class ApprovalPolicy:
             reason=answer.reason,
         )
         if answer.remember:
-            await self.decisions.decideFor(
-                peer,
-                KeyState.approved if answer.approved else KeyState.denied,
-                f"{answer.decidedBy}: {answer.reason}",
-                source,
-                answer.decidedBy,
-            )
+            try:
+                await self.decisions.decideFor(
+                    peer,
+                    KeyState.approved if answer.approved else KeyState.denied,
+                    f"{answer.decidedBy}: {answer.reason}",
+                    source,
+                    answer.decidedBy,
+                )
+            except DecisionConflict:
+                # Another connection with this key (here or on another
+                # instance) stored its decision first: that one stands, for
+                # this connection too.
+                record = await self.store.lookup(peer.fingerprint)
+                await self._checkRecord(record, peer, source)
+                return
         if not answer.approved:
             raise Refusal(ErrorCode.denied, answer.reason)
 

@@ -20,7 +20,14 @@ application), so the synchronous pool's blocking calls run in the Twisted
 thread pool, through C{deferToThreadPool}.
 
 The store keeps a bounded cache of the decided records it has read,
-refreshed by the notifications.  While the server cannot be reached,
+refreshed by the notifications.  A lookup of a key in it is answered from
+memory while the cache is known to be current: the store sends itself a
+heartbeat through the server every L{HEARTBEAT_INTERVAL} seconds, and
+notifications arrive in commit order, so while the newest heartbeat heard
+was sent less than L{FRESHNESS} seconds ago no answer misses a change
+committed longer ago than that (see L{PostgreSQLStore._fresh}).  A
+listener whose heartbeats stop coming back for L{LISTENER_STALL} seconds
+reconnects.  While the server cannot be reached,
 L{PostgreSQLStore.lookup} answers from that cache for keys it holds, and
 fails with L{StoreUnavailable} for the others; every write fails with
 L{StoreUnavailable}, so that nothing is lost silently.  Both the pool and the
@@ -56,6 +63,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from attrs import evolve
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -63,6 +71,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -152,6 +161,21 @@ MAX_BACKOFF = 2.0
 LISTEN_POLL = 0.25
 #: Times a transaction that lost a serialization conflict is tried again.
 RETRIES = 3
+#: Seconds between the heartbeats each store sends itself through the
+#: server (a C{NOTIFY} on a channel of its own, see L{PostgreSQLStore.beat}).
+HEARTBEAT_INTERVAL = 0.5
+#: The cache answers a lookup only while the newest heartbeat this store
+#: heard was sent less than this many seconds ago: a change committed
+#: earlier than that has been heard (notifications arrive in commit order),
+#: so no answer is older than this bound.
+FRESHNESS = 2.0
+#: Seconds after a heartbeat was committed by which the listener must have
+#: heard it; if it has not, the listener's connection is taken for stalled
+#: (silently cut, or a server that no longer delivers), and it reconnects.
+LISTENER_STALL = 5.0
+#: Seconds the attempts counted by L{PostgreSQLStore.seen} wait, at most,
+#: before they are written, all in one transaction.
+SEEN_INTERVAL = 1.0
 
 #: Each entry takes the schema from its index to the next version: the same
 #: steps as L{dwtrust.store._sqlite.MIGRATIONS}, in PostgreSQL's types.
@@ -593,6 +617,26 @@ class PostgreSQLStore:
         # tried again while the connection it was for lasts.
         self._connections = 0
         self._catchUpCall: IDelayedCall | None = None
+        # The keys whose cached record lookups may answer from memory while
+        # the cache is fresh (see _fresh): each was read from the server
+        # after the last change heard about it, while the listener listened.
+        self._settled: set[str] = set()
+        # The heartbeats (see beat): when each was sent, and when each
+        # committed, until heard; and when the newest heard one was sent.
+        self.beatChannel = f"dwtrust_beat_{self.origin}"
+        self._beats = 0
+        self._beatSending = False
+        self._beatsSent: dict[int, float] = {}
+        self._beatsCommitted: dict[int, float] = {}
+        self._freshAt: float | None = None
+        self._beating: LoopingCall | None = None
+        # Set (by a stalled heartbeat) to have the listener reconnect.
+        self._reconnect = threading.Event()
+        # Attempts counted and not written yet: fingerprint to (count, last
+        # time, last source); and who waits for the write.
+        self._seen: dict[str, tuple[int, float, str]] = {}
+        self._seenWaiting: list[Deferred[None]] = []
+        self._seenCall: IDelayedCall | None = None
 
     @classmethod
     def fromURL(
@@ -671,6 +715,14 @@ class PostgreSQLStore:
             target=self._listen, name="dwtrust-postgresql-listen", daemon=True
         )
         self._listener.start()
+        self._beating = LoopingCall(self.beat)
+        self._beating.clock = self._reactor
+        self._beating.start(HEARTBEAT_INTERVAL, now=False)
+
+    def _stopBeating(self) -> None:
+        beating, self._beating = self._beating, None
+        if beating is not None and beating.running:
+            beating.stop()
 
     def _run(
         self, work: Callable[[Cursor], T], transaction: bool = True
@@ -766,18 +818,24 @@ class PostgreSQLStore:
         self._shutdown = None
         self._closed = True
         self._stopping.set()
+        self._stopBeating()
         self._pool.close(timeout=SHUTDOWN_WAIT)
         self._threads.stop()
 
     def close(self) -> Deferred[None]:
         """
-        Stop listening, close the pool (queries waiting for a connection
-        fail at once), and stop the pool's threads.
+        Write the attempts counted and not written yet; then stop
+        listening, close the pool (queries waiting for a connection fail at
+        once), and stop the pool's threads.
         """
         if self._closed:
             return succeed(None)
+        if self._seenCall is not None and self._seenCall.active():
+            self._seenCall.cancel()
+        flushing = self._writeSeen()
         self._closed = True
         self._stopping.set()
+        self._stopBeating()
         if self._catchUpCall is not None and self._catchUpCall.active():
             self._catchUpCall.cancel()
         self._catchUpCall = None
@@ -794,8 +852,7 @@ class PostgreSQLStore:
             if listener is not None:
                 listener.join(CONNECT_TIMEOUT + 1)
 
-        stopping: Deferred[None] = threads.deferToThread(stop)
-        return stopping
+        return flushing.addBoth(lambda _: threads.deferToThread(stop))
 
     def _setAvailable(self, available: bool, reason: str) -> None:
         """
@@ -832,8 +889,9 @@ class PostgreSQLStore:
         psycopg = driver()
         fromThread = IReactorFromThreads(self._reactor).callFromThread
         delay = 0.1
-        connectedBefore = False
+        failedBefore = False
         while not self._stopping.is_set():
+            self._reconnect.clear()
             try:
                 connection = connect(self._url, LISTENER_NAME)
             except StoreError as e:
@@ -846,21 +904,26 @@ class PostgreSQLStore:
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             try:
+                connection.execute(f"LISTEN {self.beatChannel}")
                 connection.execute(f"LISTEN {CHANNEL}")
                 self._reason = ""
-                if connectedBefore:
+                if failedBefore:
                     # The pool's connections opened before the loss may be
                     # cut too: the pool replaces them all.
                     self._pool.drain()
+                    failedBefore = False
                 # Every change from now on is heard; what came before is
                 # caught up (in the reactor, after this call).
                 fromThread(self._listening_)
-                connectedBefore = True
                 delay = 0.1
-                while not self._stopping.is_set():
+                while not (self._stopping.is_set() or self._reconnect.is_set()):
                     for notification in connection.notifies(timeout=LISTEN_POLL):
-                        fromThread(self._notified, notification.payload)
+                        if notification.channel == CHANNEL:
+                            fromThread(self._notified, notification.payload)
+                        else:
+                            fromThread(self._heard, notification.payload)
             except psycopg.Error as e:
+                failedBefore = True
                 if not self._stopping.is_set():
                     fromThread(self._lost, _message(e))
             finally:
@@ -872,17 +935,112 @@ class PostgreSQLStore:
         before.
         """
         self._poolFailedAt = None
+        self._deaf()
         self._listening = True
-        self._caughtUp = False
         self._connections += 1
         self._setAvailable(True, "")
         if not self._closed:
             self._catchUp(self._connections)
 
     def _lost(self, reason: str) -> None:
+        self._deaf()
+        self._setAvailable(False, reason)
+
+    def _deaf(self) -> None:
+        """
+        The listener does not (or no longer) hear every change: the cache
+        answers nothing more until it has heard a heartbeat again, and then
+        only keys read afresh.
+        """
         self._listening = False
         self._caughtUp = False
-        self._setAvailable(False, reason)
+        self._freshAt = None
+        self._settled.clear()
+        self._beatsSent.clear()
+        self._beatsCommitted.clear()
+
+    # Heartbeats
+
+    def beat(self) -> None:
+        """
+        Every L{HEARTBEAT_INTERVAL}: check that the listener heard the
+        heartbeats committed more than L{LISTENER_STALL} ago (and have it
+        reconnect if it did not), and send the next one: a C{NOTIFY} on this
+        store's own channel, through the pool.  Notifications are delivered
+        in the order their transactions commit, so once the listener hears
+        a heartbeat sent at time I{t}, every change committed before I{t}
+        has been heard (see L{_fresh}).
+        """
+        if self._closed:
+            return
+        now = time.monotonic()
+        if self._listening and self._beatsCommitted:
+            waited = now - min(self._beatsCommitted.values())
+            if waited > LISTENER_STALL:
+                self.log.warn(
+                    "dwtrust: the trust store {where}'s listener heard no"
+                    " heartbeat for {seconds:.1f} s; it reconnects, and"
+                    " lookups read the server meanwhile",
+                    event="dwtrust.store.listener_stalled",
+                    where=self.where,
+                    seconds=waited,
+                )
+                self._deaf()
+                self._reconnect.set()
+                return
+        if not self._listening or self._beatSending:
+            return
+        self._beats += 1
+        number = self._beats
+        self._beatsSent[number] = now
+        self._beatSending = True
+
+        def send(cursor: Cursor) -> None:
+            cursor.execute("SELECT pg_notify(%s, %s)", (self.beatChannel, str(number)))
+
+        def committed(_: None) -> None:
+            if number in self._beatsSent:
+                self._beatsCommitted[number] = time.monotonic()
+
+        def failed(failure: Failure) -> None:
+            # The store logs an outage itself.
+            self._beatsSent.pop(number, None)
+
+        def sent(_: None) -> None:
+            self._beatSending = False
+
+        self._run(send, transaction=False).addCallbacks(committed, failed).addBoth(sent)
+
+    def _heard(self, payload: str) -> None:
+        """
+        In the reactor: the listener heard heartbeat C{payload}.
+        """
+        if not self._listening:
+            return
+        try:
+            number = int(payload)
+        except ValueError:
+            return
+        sent = self._beatsSent.get(number)
+        if sent is None:
+            return  # sent before the listener (re)connected
+        for earlier in [n for n in self._beatsSent if n <= number]:
+            del self._beatsSent[earlier]
+            self._beatsCommitted.pop(earlier, None)
+        if self._freshAt is None or sent > self._freshAt:
+            self._freshAt = sent
+
+    def _fresh(self) -> bool:
+        """
+        Whether the cache may answer: the listener listens, has caught up,
+        and heard a heartbeat sent less than L{FRESHNESS} seconds ago.
+        """
+        fresh = self._freshAt
+        return (
+            fresh is not None
+            and self._caughtUp
+            and time.monotonic() - fresh < FRESHNESS
+        )
 
     def whenListening(self) -> Deferred[None]:
         """
@@ -1049,6 +1207,7 @@ class PostgreSQLStore:
             return
         if self._closed:
             return
+        self._settled.discard(fingerprint)
         self._noteChange(fingerprint)
         if kind == "owner":
             self._announce(StoreChange(kind, fingerprint, None, local))
@@ -1138,6 +1297,7 @@ class PostgreSQLStore:
         """
         if record is None or record.state is KeyState.pending:
             self._cache.pop(fingerprint, None)
+            self._settled.discard(fingerprint)
             return
         cached = self._cache.get(fingerprint)
         if cached is not None and cached.sequence > record.sequence:
@@ -1146,7 +1306,8 @@ class PostgreSQLStore:
         self._cache[fingerprint] = record
         self._cache.move_to_end(fingerprint)
         while len(self._cache) > self._cacheSize:
-            self._cache.popitem(last=False)
+            evicted, _ = self._cache.popitem(last=False)
+            self._settled.discard(evicted)
 
     def cached(self, fingerprint: str) -> KeyRecord | None:
         """
@@ -1174,12 +1335,21 @@ class PostgreSQLStore:
         return False
 
     def lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
+        """
+        The record of a key: from memory for a decided key read before,
+        while the cache is fresh (see L{_fresh}) and nothing was heard about
+        the key since; from the server otherwise.
+        """
         cached = self._cache.get(fingerprint)
-        if cached is not None and self._poolDown():
-            # In an outage, a key in the cache is answered from it at once,
-            # rather than after waiting for the pool to connect.
-            self._cache.move_to_end(fingerprint)
-            return succeed(cached)
+        if cached is not None:
+            if fingerprint in self._settled and self._fresh():
+                self._cache.move_to_end(fingerprint)
+                return succeed(cached)
+            if self._poolDown():
+                # In an outage, a key in the cache is answered from it at
+                # once, rather than after waiting for the pool to connect.
+                self._cache.move_to_end(fingerprint)
+                return succeed(cached)
         return self._lookup(fingerprint)
 
     def _lookup(self, fingerprint: str) -> Deferred[KeyRecord | None]:
@@ -1188,6 +1358,7 @@ class PostgreSQLStore:
         the server cannot be reached).
         """
         counts = self._reading([fingerprint])
+        listening = self._connections if self._listening else None
 
         def query(cursor: Cursor) -> KeyRecord | None:
             return _records(cursor, [fingerprint]).get(fingerprint)
@@ -1195,6 +1366,15 @@ class PostgreSQLStore:
         def found(record: KeyRecord | None) -> KeyRecord | None:
             if self._unchanged(fingerprint, counts):
                 self._remember(fingerprint, record)
+                if (
+                    record is not None
+                    and self._cache.get(fingerprint) is record
+                    and self._listening
+                    and listening == self._connections
+                ):
+                    # Read while the listener listened, and nothing heard
+                    # about it since the read began.
+                    self._settled.add(fingerprint)
             return record
 
         def unavailable(failure: Failure) -> KeyRecord | Failure:
@@ -1485,14 +1665,51 @@ class PostgreSQLStore:
         return self._run(insert)
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
-        now = self._now()
+        """
+        Count the attempt now; write it, with the others counted meanwhile
+        in one transaction, at most L{SEEN_INTERVAL} seconds later, so that
+        a known peer's connection costs no query.  The L{Deferred} fires
+        once it is written (or dropped, while the server is unavailable).
+        """
+        if self._closed:
+            return fail(StoreError(f"the trust store {self.where} is closed"))
+        count = self._seen.get(fingerprint, (0, 0.0, ""))[0]
+        self._seen[fingerprint] = (count + 1, self._now(), source)
+        written: Deferred[None] = Deferred()
+        self._seenWaiting.append(written)
+        if self._seenCall is None:
+            self._seenCall = self._reactor.callLater(SEEN_INTERVAL, self._writeSeen)
+        return written
+
+    def _writeSeen(self) -> Deferred[None]:
+        self._seenCall = None
+        counted, self._seen = self._seen, {}
+        waiting, self._seenWaiting = self._seenWaiting, []
+        if not counted:
+            return succeed(None)
+        rows = [
+            (n, when, source, fingerprint)
+            for fingerprint, (n, when, source) in sorted(counted.items())
+        ]
 
         def count(cursor: Cursor) -> None:
-            cursor.execute(
-                "UPDATE peers SET attempts = attempts + 1, last_seen = %s,"
+            cursor.executemany(
+                "UPDATE peers SET attempts = attempts + %s, last_seen = %s,"
                 " source = %s WHERE fingerprint = %s",
-                (now, source, fingerprint),
+                rows,
             )
+
+        def written(_: None) -> None:
+            # The cached records count them too.
+            for n, when, source, fingerprint in rows:
+                cached = self._cache.get(fingerprint)
+                if cached is not None:
+                    self._cache[fingerprint] = evolve(
+                        cached,
+                        attempts=cached.attempts + n,
+                        lastSeen=when,
+                        source=source,
+                    )
 
         def dropped(failure: Failure) -> None:
             failure.trap(StoreUnavailable)
@@ -1505,13 +1722,22 @@ class PostgreSQLStore:
                     where=self.where,
                 )
 
+        def done(result: object) -> None:
+            for waiter in waiting:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+
+        writing: Deferred[None]
         if self._poolDown():
-            # Not worth waiting for a connection: drop it at once.
-            unavailable: Deferred[None] = fail(
+            # Not worth waiting for a connection: drop them at once.
+            writing = fail(
                 StoreUnavailable(f"the trust store {self.where} is unavailable")
             )
-            return unavailable.addErrback(dropped)
-        return self._run(count, transaction=False).addErrback(dropped)
+        else:
+            writing = self._run(count).addCallback(written)
+        return writing.addErrback(dropped).addBoth(done)
 
     # IKnownServices
 
