@@ -28,6 +28,7 @@ BENCHMARKS = (
     "store",
     "storm",
     "relay",
+    "workers",
 )
 
 
@@ -249,6 +250,36 @@ def summary(machine: dict[str, str], results: dict[str, Any]) -> str:
                 "",
                 table(["relay processes", "CPU s per 1000 transactions"], cpu),
             ]
+    if "workers" in results:
+        w = results["workers"]
+        rows = [
+            [
+                f"--workers {count}",
+                f"{r['rate']:.0f}",
+                f"{w['ratioToOneWorker'][count]:.2f}x",
+                f"{r['serverCpuMs']:.2f}",
+                f"{r['serverCores']:.2f}",
+                f"{r['clientCpuMs']:.2f}",
+            ]
+            for count, r in w["results"].items()
+        ]
+        out += [
+            "",
+            f"twistd dwtrust --workers ({w['cores']} cores, {w['clients']} client"
+            f" processes x {w['concurrency']} concurrent; target 1.8x)",
+            "",
+            table(
+                [
+                    "daemon",
+                    "conn/s",
+                    "vs 1",
+                    "daemon cpu/conn ms",
+                    "daemon cores",
+                    "client cpu/conn ms",
+                ],
+                rows,
+            ),
+        ]
     return "\n".join(out)
 
 

@@ -542,7 +542,10 @@ class Decisions:
         if change.local or record is None or change.kind != "decided":
             return
         decision, news = await self._current(record)
-        if decision is not None and news:
+        if decision is not None and (news or decision.encode() == record.decision):
+            # News, or the change itself that a lookup here read first (and
+            # only remembered): put it in force, which wakes the connections
+            # waiting for it and closes the sessions it refuses.
             self._applied(decision)
         elif decision is None and refusalState(record.state.value):
             self._closeSessions(record.fingerprint, record.state.value)

@@ -12,6 +12,7 @@ Counting costs the handshake an integer increment or two; everything else
 from __future__ import annotations
 
 import json
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -200,6 +201,8 @@ class DaemonStatus:
         self.now = now
         self.started = now()
         self.ports: list[tuple[str, StreamServerEndpointService]] = []
+        #: With C{--workers} 2 or more: the workers' pids, running now.
+        self.workerPids: Callable[[], list[int]] | None = None
 
     def addresses(self) -> list[dict[str, str]]:
         """
@@ -226,7 +229,7 @@ class DaemonStatus:
 
     async def status(self) -> dict[str, Any]:
         state = await self.storeState()
-        return {
+        facts = {
             "identity": self.identity.name,
             "fingerprint": self.identity.fingerprint,
             "version": self.version,
@@ -235,6 +238,9 @@ class DaemonStatus:
             "owners": len(self.decisions.owners),
             "store": {"available": state.available, "pending": state.pending},
         }
+        if self.workerPids is not None:
+            facts["workers"] = {"main": os.getpid(), "workers": self.workerPids()}
+        return facts
 
     async def metrics(self) -> bytes:
         state = await self.storeState()

@@ -14,6 +14,7 @@ import stat as statModule
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -32,10 +33,11 @@ from twisted.logger import (
 )
 from twisted.python import usage
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from . import _limits as limits
 from . import _startup
+from . import _workers as workers
 from ._authority import Decisions
 from ._decision import DecisionError, Signers, readOwnerKey, registeredOwners
 from ._endpoints import quoteArgument
@@ -345,6 +347,15 @@ class Options(GNUOptions):
             int,
         ],
         [
+            "workers",
+            None,
+            1,
+            "Processes that serve the listening ports: a number, or auto for"
+            " one per core.  They share the ports and the trust store; one"
+            " daemon to its owners (see Workers in docs/daemon.rst).",
+            workers.workerCount,
+        ],
+        [
             "status",
             None,
             None,
@@ -382,6 +393,16 @@ class Options(GNUOptions):
         #: (see L{_localSecrets}); never options, which a log may show.
         self.joinToken: str | None = None
         self.webhookAuthorization: str | None = None
+        #: Whether these are a worker's options (see L{dwtrust._workers}):
+        #: its secrets come from the main process, and it does not hold
+        #: the identity's lock.
+        self.worker = False
+        #: The arguments parsed, which the workers parse again.
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_forward(self, endpoint: str) -> None:
         """
@@ -484,6 +505,8 @@ class Options(GNUOptions):
             self["control"] = "unix:" + quoteArgument(
                 os.path.join(self["identity"], CONTROL_SOCKET)
             )
+        if self.worker:
+            return
         server = getattr(self, "parent", None)
         _startup.placeDaemonFiles(server, self["identity"])
         _startup.refuseSecondDaemon(self["control"], self["identity"], server)
@@ -495,6 +518,8 @@ class Options(GNUOptions):
         environment), never from the command line; refuse before anything
         is written or dialled.
         """
+        if self.worker:
+            return
         joinFile = self["join-file"]
         if joinFile is not None:
             joinFile = os.path.expanduser(joinFile)
@@ -558,6 +583,8 @@ class _DaemonService(MultiService):
         self._owners = decisions.owners
         #: The service of the authenticated listening port, if there is one.
         self.listening: StreamServerEndpointService | None = None
+        #: The worker processes, with C{--workers} 2 or more.
+        self.workers: workers.WorkerPool | None = None
 
     def privilegedStartService(self) -> None:
         """
@@ -609,9 +636,16 @@ class _DaemonService(MultiService):
         except BaseException:
             self.stopService()
             raise
-        Deferred.fromCoroutine(self._decisions.carryOver()).addErrback(
+        if self._options.worker:
+            return
+        carrying = Deferred.fromCoroutine(self._decisions.carryOver()).addErrback(
             lambda f: log.failure("dwtrust: carrying decisions over failed", f)
         )
+        pool = self.workers
+        if pool is not None:
+            # Workers start once the version 1 decisions are carried over,
+            # so that they read the mark that says so.
+            carrying.addBoth(lambda _: pool.begin())
         listen = self._options["listen"]
         mappings: list[Mapping] = self._options["connect"]
         # Credentials in a webhook's URL stay out of every log.
@@ -835,7 +869,21 @@ def makeService(options: Options) -> IService:
         raise exitForUsage(options, e) from None
 
 
-def _makeService(options: Options) -> IService:
+def makeWorkerService(options: Options, adopted: workers.Adopted) -> IService:
+    """
+    Build a worker's part of the daemon (see L{dwtrust._workers}): the
+    listening ports on the sockets it was handed, on the shared store; no
+    control channel, status endpoint or provisioning.
+    """
+    try:
+        return _makeService(options, adopted)
+    except StartupFailed as e:
+        raise SystemExit(f"twistd dwtrust: worker {adopted.index}: {e}") from None
+    except usage.UsageError as e:
+        raise SystemExit(f"twistd dwtrust: worker {adopted.index}: {e}") from None
+
+
+def _makeService(options: Options, adopted: workers.Adopted | None = None) -> IService:
     from twisted.internet import reactor
 
     # Check everything given before creating anything.
@@ -869,11 +917,13 @@ def _makeService(options: Options) -> IService:
     # A port another program holds is refused now, before twistd forks: then
     # it is one line and exit status 1, with nothing forked or written.
     try:
-        if options["listen"] is not None:
+        # (A worker's ports are the main process's sockets: nothing to try.)
+        if adopted is None and options["listen"] is not None:
             _startup.checkCanListen(reactor, "--listen", options["listen"])
-        for m in mappings:
+        for m in mappings if adopted is None else []:
             _startup.checkCanListen(reactor, "--connect", m.local)
-        _startup.checkCanListen(reactor, "--control", options["control"])
+        if adopted is None:
+            _startup.checkCanListen(reactor, "--control", options["control"])
     except _startup.StartupError as e:
         raise StartupFailed(str(e)) from None
     # Whatever the daemon creates from now on (its store and the store's
@@ -920,7 +970,11 @@ def _makeService(options: Options) -> IService:
     for key in registeredOwners(identity, registrations):
         owners.add(key)
     try:
-        newest = NewestDecisions.fromPath(directory.child(NEWEST_FILE))
+        newest = NewestDecisions.fromPath(
+            directory.child(NEWEST_FILE)
+            if adopted is None
+            else workers.ownNewest(directory, NEWEST_FILE, adopted.index)
+        )
     except NewestError as e:
         raise StartupFailed(str(e)) from None
     bus = ControlBus()
@@ -965,12 +1019,19 @@ def _makeService(options: Options) -> IService:
         _limitsOf(options),
     )
     decisions.sessions = authenticator.sessionsOf
+    if options["workers"] > 1 and not IStoreEvents.providedBy(store):
+        # The processes share a SQLite store: each watches it for the
+        # others' changes (see dwtrust._workers).
+        alsoProvides(store, IStoreEvents)
     if IStoreEvents.providedBy(store):
         store.watch(decisions.fromFleet)
-        announceFleetRequests(store, bus, identity.name)
+        if adopted is None:
+            announceFleetRequests(store, bus, identity.name)
     daemon = _DaemonService(identity, store, options, decisions)
     if audit is not None:
         audit.setServiceParent(daemon)  # type: ignore[no-untyped-call]
+    if adopted is not None and adopted.listen is not None:
+        listen = adopted.endpoint(reactor, adopted.listen)  # type: ignore[arg-type]
     if listen is not None:
         port = StreamServerEndpointService(
             authenticator.serverEndpoint(listen),
@@ -980,16 +1041,23 @@ def _makeService(options: Options) -> IService:
         # Fail at start-up, rather than run without a port, if we cannot listen.
         port._raiseSynchronously = True
         port.setServiceParent(daemon)
-    for mapping in mappings:
+    locals_: list[StreamServerEndpointService] = []
+    for number, mapping in enumerate(mappings):
         remote = authenticator.clientEndpoint(
             clientFromString(reactor, mapping.remoteDescription), mapping.remote
         )
         local = StreamServerEndpointService(
-            serverFromString(reactor, mapping.local),
+            serverFromString(reactor, mapping.local)
+            if adopted is None
+            else adopted.endpoint(reactor, adopted.connect[number]),  # type: ignore[arg-type]
             SidecarFactory(remote, mapping.remote, clock),  # type: ignore[arg-type]
         )
         local._raiseSynchronously = True
         local.setServiceParent(daemon)
+        locals_.append(local)
+    if adopted is not None:
+        _operations(options, daemon, identity, store, decisions, policy)
+        return daemon
     provisioning = (
         None
         if options["no-provisioning"]
@@ -1043,6 +1111,16 @@ def _makeService(options: Options) -> IService:
     )
     if options["status"] is not None:
         _serveStatus(options["status"], status, daemon)
+    if options["workers"] > 1:
+        daemon.workers = workers.WorkerPool(
+            options["workers"],
+            options.arguments,
+            options.webhookAuthorization,
+            daemon.listening,
+            locals_,
+        )
+        daemon.workers.setServiceParent(daemon)  # type: ignore[no-untyped-call]
+        status.workerPids = daemon.workers.pids
     _operations(options, daemon, identity, store, decisions, policy)
     return daemon
 
@@ -1107,6 +1185,7 @@ def _operations(
 
     async def reload() -> None:
         await _reload(options, identity, store, decisions, allowList)
+        workers.reloadWorkers(daemon)
 
     manager = ServiceManager(reload, reactor.callFromThread)  # type: ignore[attr-defined]
     manager.setServiceParent(daemon)  # type: ignore[no-untyped-call]

@@ -21,6 +21,8 @@ from twisted.enterprise import adbapi
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -34,6 +36,7 @@ from ._interface import (
     KeyRecord,
     KeyState,
     Pin,
+    StoreChange,
     checkPendingCaps,
     sourceHost,
 )
@@ -130,6 +133,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: The most seconds an attempt counted by L{SQLiteStore.seen} waits to be
 #: written.
 SEEN_INTERVAL = 1.0
+
+#: Seconds between checks for changes made by other processes, while the
+#: store is watched (see L{SQLiteStore.watch}).
+WATCH_INTERVAL = 0.25
 
 
 class StoreError(Exception):
@@ -262,11 +269,43 @@ def _pool(path: FilePath[str]) -> adbapi.ConnectionPool:
     )
 
 
+class _Seen:
+    """
+    Where a watched store's last look at its file left off: the file's
+    C{data_version}, the last row of the decisions' history, the pending
+    requests (fingerprint to request id) and the owners' fingerprints.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        decisionRow: int,
+        requests: dict[str, str],
+        owners: frozenset[str],
+    ) -> None:
+        self.version = version
+        self.decisionRow = decisionRow
+        self.requests = requests
+        self.owners = owners
+
+
+#: How many of its own writes a watched store remembers, to tell them from
+#: other processes' (a write older than that is told again, harmlessly).
+_MAX_MINE = 10_000
+
+
 @implementer(ITrustStore, IKnownServices)
 class SQLiteStore:
     """
     The trust store and the client's pins, in one SQLite file.
+
+    It also has L{watch} (the contract of
+    L{dwtrust.store.IStoreEvents}), for the processes of one daemon
+    sharing the file (C{twistd dwtrust --workers}); it does not declare that
+    interface, so that a daemon that is one process does not watch it.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -287,6 +326,15 @@ class SQLiteStore:
         self._seen: dict[str, tuple[int, float, str]] = {}
         self._seenWaiting: list[Deferred[None]] = []
         self._seenCall: IDelayedCall | None = None
+        # Watching (see watch): who is told, the checks, where they stand,
+        # and what this store wrote itself (decisions by fingerprint and
+        # sequence, pending requests by id, owners by fingerprint).
+        self._watchers: list[Callable[[StoreChange], object]] = []
+        self._watching: LoopingCall | None = None
+        self._where: _Seen | None = None
+        self._mine: set[tuple[str, int]] = set()
+        self._myRequests: set[str] = set()
+        self._myOwners: set[str] = set()
 
     def _dataVersion(self) -> Deferred[int]:
         return self._one("PRAGMA data_version", (), lambda row: int(row[0]))
@@ -333,6 +381,9 @@ class SQLiteStore:
         Write the attempts counted and not written yet, then close.
         """
         self._cache.stop()
+        watching, self._watching = self._watching, None
+        if watching is not None and watching.running:
+            watching.stop()
         if self._seenCall is not None and self._seenCall.active():
             self._seenCall.cancel()
         self._seenCall = None
@@ -418,6 +469,8 @@ class SQLiteStore:
     ) -> Deferred[KeyRecord]:
         now = self._now()
         self._cache.changed(record=peer.fingerprint)
+        if self._watchers:
+            self._remember(self._mine, (peer.fingerprint, sequence))
 
         def append(cursor: Any) -> KeyRecord:
             cursor.execute("SAVEPOINT record")
@@ -458,7 +511,11 @@ class SQLiteStore:
             return self._written(cursor, peer.fingerprint)
 
         result: Deferred[KeyRecord] = self._pool.runInteraction(append)
-        return result
+        return result.addCallback(self._madeDecision)
+
+    def _madeDecision(self, record: KeyRecord) -> KeyRecord:
+        self._announce(StoreChange("decided", record.fingerprint, record, True))
+        return record
 
     def _fetch(self, cursor: Any, fingerprint: str) -> KeyRecord | None:
         cursor.execute(_SELECT_PEER, (fingerprint,))
@@ -486,6 +543,8 @@ class SQLiteStore:
         now = self._now()
         host = sourceHost(source)
         self._cache.changed(record=peer.fingerprint)
+        if self._watchers:
+            self._remember(self._myRequests, requestId)
 
         def add(cursor: Any) -> tuple[KeyRecord, bool]:
             cursor.execute(
@@ -531,7 +590,13 @@ class SQLiteStore:
             return self._written(cursor, peer.fingerprint), True
 
         result: Deferred[tuple[KeyRecord, bool]] = self._pool.runInteraction(add)
-        return result
+        return result.addCallback(self._madeRequest)
+
+    def _madeRequest(self, added: tuple[KeyRecord, bool]) -> tuple[KeyRecord, bool]:
+        record, created = added
+        if created:
+            self._announce(StoreChange("pending", record.fingerprint, record, True))
+        return added
 
     def pending(self) -> Deferred[list[KeyRecord]]:
         return self._all(
@@ -572,11 +637,17 @@ class SQLiteStore:
         )
 
     def addOwner(self, fingerprint: str, registration: bytes) -> Deferred[None]:
+        if self._watchers:
+            self._remember(self._myOwners, fingerprint)
         result: Deferred[None] = self._pool.runOperation(
             "INSERT OR REPLACE INTO owners (fingerprint, registration) VALUES (?, ?)",
             (fingerprint, registration),
         )
-        return result
+
+        def added(_: object) -> None:
+            self._announce(StoreChange("owner", fingerprint, None, True))
+
+        return result.addCallback(added)
 
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
         """
@@ -616,6 +687,124 @@ class SQLiteStore:
 
         writing: Deferred[None] = self._pool.runInteraction(write)
         return writing.addBoth(done)
+
+    # Watching (the contract of IStoreEvents)
+
+    def watch(self, watcher: Callable[[StoreChange], object]) -> Callable[[], None]:
+        """
+        Call C{watcher} (in the reactor thread) with every change from now
+        on: this store's own as it makes them, and those of other processes
+        sharing the file within L{WATCH_INTERVAL} seconds.  Every check is
+        one query (C{PRAGMA data_version}, which tells whether another
+        connection committed); only when one did does it read what is new:
+        the decisions' history past the last row seen (it is append-only),
+        the pending requests and the owners.
+
+        @return: a function that stops it.
+        """
+        self._watchers.append(watcher)
+        if self._watching is None:
+            self._watching = LoopingCall(self._checkChanges)
+            self._watching.clock = self._clock
+            self._watching.start(WATCH_INTERVAL, now=True).addErrback(
+                lambda f: self.log.failure("dwtrust: watching the trust store", f)
+            )
+        return lambda: self._watchers.remove(watcher)
+
+    @staticmethod
+    def _remember(mine: set[Any], what: object) -> None:
+        if len(mine) >= _MAX_MINE:
+            mine.clear()
+        mine.add(what)
+
+    def _announce(self, change: StoreChange) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher(change)
+            except Exception:
+                self.log.failure("dwtrust: a store watcher failed")
+
+    def _checkChanges(self) -> Deferred[None]:
+        where = self._where
+        mine, myRequests = frozenset(self._mine), frozenset(self._myRequests)
+        myOwners = frozenset(self._myOwners)
+
+        def read(cursor: Any) -> tuple[_Seen, list[StoreChange], set[Any]]:
+            cursor.execute("PRAGMA data_version")
+            (version,) = cursor.fetchone()
+            if where is not None and version == where.version:
+                return where, [], set()
+            if where is None:
+                cursor.execute("SELECT COALESCE(MAX(rowid), 0) FROM decisions")
+                rows, (last,) = [], cursor.fetchone()
+            else:
+                cursor.execute(
+                    "SELECT rowid, fingerprint, sequence FROM decisions"
+                    " WHERE rowid > ? ORDER BY rowid",
+                    (where.decisionRow,),
+                )
+                rows = cursor.fetchall()
+                last = max([row[0] for row in rows], default=where.decisionRow)
+            cursor.execute(
+                "SELECT fingerprint, request_id FROM peers WHERE state = 'pending'"
+            )
+            requests = {str(fp): str(rid) for fp, rid in cursor.fetchall()}
+            cursor.execute("SELECT fingerprint FROM owners")
+            owners = frozenset(str(row[0]) for row in cursor.fetchall())
+            if where is None:
+                # The first look: where things stand, nothing to tell.
+                return _Seen(version, last, requests, owners), [], set()
+            seen: set[Any] = set()
+            decided: dict[str, None] = {}
+            for _, fingerprint, sequence in rows:
+                if (fingerprint, sequence) in mine:
+                    seen.add((fingerprint, sequence))
+                else:
+                    decided[fingerprint] = None
+            changes = [
+                StoreChange("decided", fp, self._fetch(cursor, fp), False)
+                for fp in decided
+            ]
+            for fingerprint, requestId in requests.items():
+                if where.requests.get(fingerprint) == requestId:
+                    continue
+                if requestId in myRequests:
+                    seen.add(requestId)
+                    continue
+                record = self._fetch(cursor, fingerprint)
+                if record is not None and record.state is KeyState.pending:
+                    changes.append(StoreChange("pending", fingerprint, record, False))
+            for fingerprint in sorted(owners - where.owners):
+                if fingerprint in myOwners:
+                    seen.add(fingerprint)
+                else:
+                    changes.append(StoreChange("owner", fingerprint, None, False))
+            return _Seen(version, last, requests, owners), changes, seen
+
+        def tell(found: tuple[_Seen, list[StoreChange], set[Any]]) -> None:
+            self._where, changes, seen = found
+            for what in seen:
+                self._mine.discard(what)
+                self._myRequests.discard(what)
+                self._myOwners.discard(what)
+            for change in changes:
+                if change.kind == "decided":
+                    self._cache.changed(record=change.fingerprint)
+                self._announce(change)
+
+        def failed(failure: Failure) -> None:
+            if self._watching is None:
+                return  # closing
+            self.log.warn(
+                "dwtrust: cannot check the trust store for other processes'"
+                " changes: {error}",
+                event="dwtrust.store.watch_failed",
+                error=failure.getErrorMessage(),
+            )
+
+        checking: Deferred[tuple[_Seen, list[StoreChange], set[Any]]]
+        checking = self._pool.runInteraction(read)
+        return checking.addCallbacks(tell, failed)
 
     # IKnownServices
 
