@@ -127,6 +127,10 @@ class FakeTLSConnection:
     ) -> bytes:
         return EXPORTER[:olen]
 
+    def get_alpn_proto_negotiated(self) -> bytes:
+        # No ALPN: the connection speaks dwtrust version 1.
+        return b""
+
 
 class FakeTLSTransport(StringTransport):
     """

@@ -204,6 +204,7 @@ def makeService(
     strict: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT,
+    versions: tuple[int, ...] = (2, 1),
 ) -> Service:
     if store is None:
         store = MemoryTrustStore(now=clock.seconds)
@@ -216,6 +217,7 @@ def makeService(
         clock,
         timeout,
         decisionTimeout,
+        versions=versions,
     )
     return Service(identity, store, approver, authenticator)
 
@@ -350,6 +352,9 @@ class ScriptedPeer(Protocol):
     The raw end of a dwtrust connection, over real TLS made with
     C{identity}'s key, doing exactly what a test scripts: C{onTLS} runs when
     the TLS handshake is over, and C{onFrame} for each frame received.
+    It offers the dwtrust C{versions} by ALPN (by default version 1 only,
+    with no ALPN, as a peer written before version 2), and speaks in frames
+    of the version negotiated.
 
     @ivar frames: every frame received, in order.
     @ivar decodeError: the first undecodable bytes received, if any.
@@ -364,8 +369,10 @@ class ScriptedPeer(Protocol):
         onTLS: Callable[[ScriptedPeer], None] | None = None,
         onFrame: Callable[[ScriptedPeer, Frame], None] | None = None,
         challenge: bytes | None = None,
+        versions: tuple[int, ...] = (1,),
     ) -> None:
         self.identity = identity
+        self.versions = versions
         self.onTLS = onTLS
         self.onFrame = onFrame
         self.challenge = challenge if challenge is not None else os.urandom(32)
@@ -378,6 +385,8 @@ class ScriptedPeer(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.channel = channelOf(self.transport.getHandle())
+        if self.channel.protocol != 1:
+            self._decoder = FrameDecoder(self.channel.protocol)
         if self.onTLS is not None:
             self.onTLS(self)
 
@@ -411,7 +420,8 @@ class ScriptedPeer(Protocol):
         return [f.code for f in self.frames if isinstance(f, Error)]
 
     def sendFrame(self, frame: Frame) -> None:
-        self.sendRaw(encodeFrame(frame))
+        version = self.channel.protocol if self.channel is not None else 1
+        self.sendRaw(encodeFrame(frame, version))
 
     def sendRaw(self, data: bytes) -> None:
         self.sent.append(data)
@@ -422,7 +432,10 @@ class ScriptedPeer(Protocol):
         This peer under TLS, ready to be joined to the other end.
         """
         factory = TLSMemoryBIOFactory(
-            ConnectionCreator(self.identity), isClient, _OneProtocol(self), clock=clock
+            ConnectionCreator(self.identity, self.versions),
+            isClient,
+            _OneProtocol(self),
+            clock=clock,
         )
         protocol = factory.buildProtocol(PEER_ADDRESS)
         assert isinstance(protocol, TLSMemoryBIOProtocol)

@@ -697,7 +697,10 @@ def hostileBytes(draw: st.DrawFn) -> tuple[bytes, ErrorCode | None]:
     rest = draw(st.binary(max_size=64))
     if kind == "version":
         version = draw(st.integers(0, 255).filter(lambda v: v != VERSION))
-        head = bytes([version]) + draw(st.binary(min_size=3, max_size=3))
+        # (A broken frame of type ERROR is not answered: see test_v2.py.)
+        head = bytes([version]) + draw(
+            st.binary(min_size=3, max_size=3).filter(lambda b: b[0] != 5)
+        )
         return head + rest, ErrorCode.version_unsupported
     if kind == "type":
         frameType = draw(st.integers(0, 255).filter(lambda t: t not in range(1, 6)))
@@ -705,7 +708,8 @@ def hostileBytes(draw: st.DrawFn) -> tuple[bytes, ErrorCode | None]:
         return HEADER.pack(VERSION, frameType, length) + rest, ErrorCode.protocol_error
     if kind == "oversized":
         length = draw(st.integers(MAX_BODY + 1, 0xFFFF))
-        head = HEADER.pack(VERSION, draw(frameTypes), length)
+        frameType = draw(frameTypes.filter(lambda t: t != 5))
+        head = HEADER.pack(VERSION, frameType, length)
         return head + rest, ErrorCode.protocol_error
     if kind == "body":
         # A HELLO whose body is not one 32-byte field.
@@ -747,7 +751,8 @@ class PinnedAddressTests(SynchronousTestCase):
         pins as they were.
         """
         clock = Clock()
-        client = makeService(clock, makeIdentity("acme", "billing"))
+        # Version 1: the client pins before the server decides.
+        client = makeService(clock, makeIdentity("acme", "billing"), versions=(1,))
         server = makeService(clock, makeIdentity("acme", "ledger"))
         first = connect(clock, server, client)
         self.assertEqual(len(first.clientApp.connected), 1)
@@ -1020,7 +1025,8 @@ class DataBeforeApprovalTests(AttackCase):
         server = makeService(
             clock, makeIdentity("acme", "ledger"), approver=KnownOnlyApprover()
         )
-        client = makeService(clock, self.attackerIdentity)
+        # Version 1: the client connects before the server decides.
+        client = makeService(clock, self.attackerIdentity, versions=(1,))
         clientApp = RecordingFactory([b"DROP TABLE peers;"])
         connection = connect(clock, server, client, clientApp=clientApp)
         [app] = clientApp.protocols
@@ -1084,7 +1090,8 @@ class KnownClientTests(SynchronousTestCase):
         """
         clock = Clock()
         server: Service = makeService(clock, makeIdentity("acme", "ledger"))
-        client = makeService(clock, makeIdentity("acme", "billing"))
+        # Version 1: the client connects before the server decides.
+        client = makeService(clock, makeIdentity("acme", "billing"), versions=(1,))
         recordDecision(
             server.store,
             server.identity,

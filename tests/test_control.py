@@ -128,7 +128,10 @@ class ControlTestCase(SynchronousTestCase):
         self.clientStore = MemoryTrustStore(now=self.clock.seconds)
 
     def connectOwner(
-        self, identity: Identity | None = None, connected: bool = True
+        self,
+        identity: Identity | None = None,
+        connected: bool = True,
+        versions: tuple[int, ...] = (2, 1),
     ) -> ControlClient:
         """
         Connect C{identity} (by default, the owner) to the control channel,
@@ -136,7 +139,11 @@ class ControlTestCase(SynchronousTestCase):
         """
         identity = identity if identity is not None else self.owner
         client = Authenticator(
-            identity, None, PinningPolicy(self.clientStore), self.clock
+            identity,
+            None,
+            PinningPolicy(self.clientStore),
+            self.clock,
+            versions=versions,
         )
         clientFactory = ClientFactory()
         _, _, self.pump = connectInMemory(
@@ -226,7 +233,9 @@ class ConnectionTests(ControlTestCase):
         connected, nothing is stored, and the owner's calls fail with the
         refusal.
         """
-        client = self.connectOwner(self.stranger, connected=False)
+        # Version 1, whose client is connected before the server decides
+        # (in version 2 a refused client's application is never connected).
+        client = self.connectOwner(self.stranger, connected=False, versions=(1,))
         lost = client.protocol.lostReason
         assert lost is not None
         failed = lost.value

@@ -163,8 +163,17 @@ class CodecPropertyTests(SynchronousTestCase):
     def test_errorTextAlwaysSafe(self, code: bytes, message: bytes) -> None:
         """
         Whatever a peer puts in an C{ERROR} frame, its text is printable and
-        its code reads as an L{ErrorCode}.
+        its code reads as an L{ErrorCode}; a code that is not UTF-8 is a
+        C{protocol_error}.
         """
+        try:
+            code.decode("utf-8")
+        except UnicodeDecodeError:
+            error = self.assertRaises(
+                WireError, Error.parse, encodeFields(code, message)
+            )
+            self.assertIs(error.code, ErrorCode.protocol_error)
+            return
         frame = Error.parse(encodeFields(code, message))
         self.assertTrue(frame.code.isprintable() and frame.message.isprintable())
         self.assertIsInstance(frame.errorCode, ErrorCode)

@@ -21,6 +21,7 @@ from dwtrust import (
     ErrorCode,
     HandshakeFailed,
     IAuthenticatedTransport,
+    Identity,
     PeerIdentity,
     PinningPolicy,
 )
@@ -68,12 +69,32 @@ def assertHandshakeFailed(
 class HandshakeCase(SynchronousTestCase):
     """
     A server and a client, each with its own in-memory store, and a clock.
+    They speak version 1 (whose client connects its application as soon as
+    the server has proved itself); C{tests/test_v2.py} has version 2.
     """
+
+    versions = (1,)
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.server = makeService(self.clock, makeIdentity("acme", "ledger"))
-        self.client = makeService(self.clock, makeIdentity("acme", "billing"))
+        self.server = self.makeService(makeIdentity("acme", "ledger"))
+        self.client = self.makeService(makeIdentity("acme", "billing"))
+
+    def makeService(
+        self,
+        identity: Identity,
+        store: MemoryTrustStore | None = None,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> Service:
+        return makeService(
+            self.clock,
+            identity,
+            store=store,
+            strict=strict,
+            versions=self.versions,
+            **kwargs,
+        )
 
     def connect(
         self,
@@ -438,8 +459,8 @@ class RefusalTests(HandshakeCase):
         C{HandshakeFailed(denied, byPeer=True)}, the server's is never
         connected, and nothing is stored.
         """
-        self.server = makeService(
-            self.clock, self.server.identity, approver=KnownOnlyApprover()
+        self.server = self.makeService(
+            self.server.identity, approver=KnownOnlyApprover()
         )
         connection = self.connect(clientApp=RecordingFactory([b"secret"]))
         [clientApp] = connection.clientApp.protocols
@@ -458,8 +479,7 @@ class RefusalTests(HandshakeCase):
         The C{known-only} approver lets in a key the store approves.
         """
         self.approveFirst(self.connect())
-        self.server = makeService(
-            self.clock,
+        self.server = self.makeService(
             self.server.identity,
             approver=KnownOnlyApprover(),
             store=self.server.store,
@@ -496,9 +516,7 @@ class RefusalTests(HandshakeCase):
         refused with C{identity_changed}; the client never sends its proof,
         so the server never connects its application.
         """
-        impostor = makeService(
-            self.clock, makeIdentity("acme", "ledger", slot="impostor")
-        )
+        impostor = self.makeService(makeIdentity("acme", "ledger", slot="impostor"))
         self.connect()  # pins the real server
         pins = dict(self.client.store.pins)
         self.server = impostor
@@ -524,9 +542,7 @@ class RefusalTests(HandshakeCase):
         new address is refused too.
         """
         self.connect(address="ledger-1.example:8443")
-        self.server = makeService(
-            self.clock, makeIdentity("acme", "ledger", slot="impostor")
-        )
+        self.server = self.makeService(makeIdentity("acme", "ledger", slot="impostor"))
         connection = self.connect(address="ledger-2.example:8443")
         failure = self.failureResultOf(
             connection.clientHandshake.whenConnected(), HandshakeFailed
@@ -538,7 +554,7 @@ class RefusalTests(HandshakeCase):
         """
         A strict client refuses a server it has no pin for, and pins nothing.
         """
-        self.client = makeService(self.clock, self.client.identity, strict=True)
+        self.client = self.makeService(self.client.identity, strict=True)
         connection = self.connect()
         failure = self.failureResultOf(
             connection.clientHandshake.whenConnected(), HandshakeFailed
@@ -553,8 +569,8 @@ class RefusalTests(HandshakeCase):
 
     def test_strictAdmitsPinnedServer(self) -> None:
         self.connect()
-        self.client = makeService(
-            self.clock, self.client.identity, store=self.client.store, strict=True
+        self.client = self.makeService(
+            self.client.identity, store=self.client.store, strict=True
         )
         connection = self.connect()
         self.assertEqual(len(connection.clientApp.connected), 1)
@@ -610,7 +626,7 @@ class RefusalTests(HandshakeCase):
         A server whose decision timeout is shorter than the client's tells the
         client C{pending} when it runs out.
         """
-        self.server = makeService(self.clock, self.server.identity, decisionTimeout=5)
+        self.server = self.makeService(self.server.identity, decisionTimeout=5)
         connection = self.connect()
         [pending] = self.server.fakeApprover.requests
         self.clock.advance(4.9)

@@ -422,6 +422,16 @@ def test_metricsMove(tmp_path: Path, echo: EchoServer) -> None:
         assert after["dwtrust_decision_seconds_count"] == 1
         assert after['dwtrust_decision_seconds_bucket{le="+Inf"}'] == 1
 
+        # A client that has pinned the service (protocol version 2 connects
+        # its application, whose bytes the daemon then holds, only then).
+        pinned = run_cli(
+            "pin",
+            "--identity",
+            str(tmp_path / "payroll"),
+            daemon.address,
+            public_key(tmp_path / "ledger"),
+        )
+        assert pinned.returncode == 0, describe(pinned)
         held = start_cli(
             "connect",
             "--identity",

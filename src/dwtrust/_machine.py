@@ -5,7 +5,7 @@ They do no I/O.  A thin protocol (L{dwtrust._protocol}) feeds them the TLS
 channel, the frames it decodes, trust decisions, time-outs and disconnection,
 and carries out what they ask for through L{Effects}.
 
-The exchange, after the TLS handshake::
+The version 1 exchange, after the TLS handshake::
 
     client                                  server
       HELLO(client challenge)          -->
@@ -19,13 +19,30 @@ The exchange, after the TLS handshake::
                                              trust store and approver]
                                        <--  ACCEPT, then application data
                                             (or ERROR, then close)
+
+Version 2 (negotiated by ALPN in the TLS handshake) has no challenges: the
+TLS exporter value is the joint challenge, and each proof is over it::
+
+    client                                  server
+      [early check: is the server's
+       certificate key pinned here?]
+      PROOF(client proof)              -->
+      [if it is: application connected;
+       its bytes follow, held by the server]
+                                            [verify client, ask the
+                                             trust store and approver]
+                                       <--  ACCEPT(server proof), then
+                                            application data
+                                            (or ERROR, then close)
+      [verify server; check its pin unless
+       the early check found this identity]
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from automat import TypeMachineBuilder, pep614
 
@@ -41,12 +58,10 @@ from ._wire import (
     ErrorCode,
     Frame,
     Hello,
+    ProofAccept,
     ProofFrame,
     Role,
 )
-
-if TYPE_CHECKING:
-    from automat._typed import TypedState
 
 
 class Refusal(Exception):
@@ -78,9 +93,15 @@ class Effects(Protocol):
         Ask whether C{peer} is trusted; answer with C{decided}.
         """
 
+    def checkEarly(self, channel: Channel) -> None:
+        """
+        (Version 2 client.)  Ask whether the server's certificate key (on
+        C{channel}) is known; answer with C{known}, or C{refuse}.
+        """
+
     def cancelDecision(self) -> None:
         """
-        Abandon an outstanding decision.
+        Abandon an outstanding decision (or early check).
         """
 
     def connectApplication(self, peer: PeerIdentity) -> None:
@@ -113,6 +134,17 @@ class Core:
     ourChallenge: bytes = b""
     theirChallenge: bytes = b""
     peer: PeerIdentity | None = field(default=None)
+    #: (Version 2 client.)  The server identity pinned for its certificate
+    #: key, found before the handshake frames; the application is connected
+    #: at once when there is one.
+    early: PeerIdentity | None = None
+
+    @property
+    def version(self) -> int:
+        """
+        The dwtrust version of this connection (known once TLS is done).
+        """
+        return 1 if self.channel is None else self.channel.protocol
 
 
 class Handshake(Protocol):
@@ -121,7 +153,10 @@ class Handshake(Protocol):
     """
 
     def tlsReady(self, channel: Channel) -> None:
-        "The TLS handshake finished on C{channel}."
+        "The TLS handshake finished on C{channel}, which speaks version 1."
+
+    def tlsReady2(self, channel: Channel) -> None:
+        "The TLS handshake finished on C{channel}, which speaks version 2."
 
     def unexpected(self, frame: Frame) -> None:
         "A frame of a type this role never receives."
@@ -131,6 +166,9 @@ class Handshake(Protocol):
 
     def refuse(self, code: ErrorCode, message: str) -> None:
         "Fail the handshake: bad bytes, a rejected proof, or a refusal."
+
+    def brokenError(self, message: str) -> None:
+        "The peer sent an C{ERROR} frame that is not valid: close, unanswered."
 
     def trusted(self) -> None:
         "The trust decision says go on."
@@ -158,15 +196,26 @@ class ClientHandshake(Handshake, Protocol):
         "The server's challenge and proof."
 
     def accept(self, frame: Accept) -> None:
-        "The server accepted us."
+        "The server accepted us (version 1)."
+
+    def proofAccept(self, frame: ProofAccept) -> None:
+        "The server accepted us, and proved itself (version 2)."
+
+    def known(self, early: PeerIdentity | None) -> None:
+        "The early check's answer: the pinned server, or L{None} if unknown."
 
 
 def _verify(
-    machine: Handshake, core: Core, frame: ProofFrame | Challenge, role: Role
+    machine: Handshake,
+    core: Core,
+    frame: ProofFrame | Challenge | ProofAccept,
+    role: Role,
 ) -> None:
     assert core.channel is not None
     try:
-        peer = verifyProof(frame.proof, role, core.ourChallenge, core.channel)
+        peer = verifyProof(
+            frame.proof, role, core.ourChallenge, core.channel, core.version
+        )
     except ProofRejected as e:
         machine.refuse(e.code, e.message)
     else:
@@ -174,97 +223,134 @@ def _verify(
         machine._verified(peer)
 
 
-def _registerCommon(
-    builder: TypeMachineBuilder[Any, Core],
-    inputs: Any,
-    handshaking: list[TypedState[Any, Core]],
-    deciding: TypedState[Any, Core],
-    decidingTimeout: ErrorCode,
-    silent: list[TypedState[Any, Core]],
-    done: list[TypedState[Any, Core]],
-    failed: TypedState[Any, Core],
-    frameInputs: list[Callable[..., None]],
-    expected: set[tuple[TypedState[Any, Core], Callable[..., None]]],
+# What the machines do when a handshake fails, in any role and state.  The
+# suffixes say where: "Deciding" in a state that waits for a trust decision
+# (or a client's early check), which is cancelled; "Quietly" in a state
+# whose peer no longer reads frames (a client after its PROOF: the server
+# takes what follows as application data), so no ERROR frame is sent.
+
+
+def _refuse(m: Handshake, core: Core, code: ErrorCode, message: str) -> None:
+    core.effects.fail(code, message, True, False)
+
+
+def _refuseQuietly(m: Handshake, core: Core, code: ErrorCode, message: str) -> None:
+    core.effects.fail(code, message, False, False)
+
+
+def _refuseDeciding(m: Handshake, core: Core, code: ErrorCode, message: str) -> None:
+    core.effects.cancelDecision()
+    core.effects.fail(code, message, True, False)
+
+
+def _refuseDecidingQuietly(
+    m: Handshake, core: Core, code: ErrorCode, message: str
 ) -> None:
-    """
-    Register what both roles do the same way: refusals, the peer's errors,
-    time-outs, disconnection, frames out of order, and anything arriving once
-    the handshake is over.
+    core.effects.cancelDecision()
+    core.effects.fail(code, message, False, False)
 
-    @param deciding: the state that waits for a trust decision, which is
-        cancelled when the handshake fails there.
-    @param decidingTimeout: the code for running out of time there.
-    @param silent: states in which a failure closes without an C{ERROR}
-        frame, because the peer no longer reads frames (a client after its
-        C{PROOF}: the server takes what follows as application data).
-    """
 
-    def failing(
-        whileDeciding: bool, send: bool
-    ) -> Callable[[Handshake, Core, ErrorCode, str], None]:
-        def fail(m: Handshake, core: Core, code: ErrorCode, message: str) -> None:
-            if whileDeciding:
-                core.effects.cancelDecision()
-            core.effects.fail(code, message, send, False)
+def _brokenError(m: Handshake, core: Core, message: str) -> None:
+    # An ERROR frame is never answered, even a broken one.
+    core.effects.fail(ErrorCode.protocol_error, message, False, False)
 
-        return fail
 
-    for state in handshaking:
-        fail = failing(state is deciding, state not in silent)
+def _brokenErrorDeciding(m: Handshake, core: Core, message: str) -> None:
+    core.effects.cancelDecision()
+    core.effects.fail(ErrorCode.protocol_error, message, False, False)
 
-        def refuse(
-            m: Handshake, core: Core, code: ErrorCode, message: str, fail: Any = fail
-        ) -> None:
-            fail(m, core, code, message)
 
-        def timedOut(
-            m: Handshake, core: Core, fail: Any = fail, state: Any = state
-        ) -> None:
-            code = decidingTimeout if state is deciding else ErrorCode.timeout
-            fail(m, core, code, EXPLANATIONS[code])
+def _timedOut(m: Handshake, core: Core) -> None:
+    core.effects.fail(ErrorCode.timeout, EXPLANATIONS[ErrorCode.timeout], True, False)
 
-        def outOfOrder(
-            m: Handshake, core: Core, frame: Frame, fail: Any = fail
-        ) -> None:
-            fail(
-                m, core, ErrorCode.protocol_error, f"unexpected {frame.type.name} frame"
-            )
 
-        def peerFailed(
-            m: Handshake, core: Core, frame: Error, state: Any = state
-        ) -> None:
-            if state is deciding:
-                core.effects.cancelDecision()
-            core.effects.fail(frame.errorCode, frame.explanation, False, True)
+def _timedOutQuietly(m: Handshake, core: Core) -> None:
+    core.effects.fail(ErrorCode.timeout, EXPLANATIONS[ErrorCode.timeout], False, False)
 
-        def lost(m: Handshake, core: Core, state: Any = state) -> None:
-            if state is deciding:
-                core.effects.cancelDecision()
 
-        state.upon(inputs.refuse).to(failed)(refuse)
-        state.upon(inputs.timedOut).to(failed)(timedOut)
-        state.upon(inputs.lost).to(failed)(lost)
-        state.upon(inputs.error).to(failed)(peerFailed)
-        state.upon(inputs.unexpected).to(failed)(outOfOrder)
-        for frameInput in frameInputs:
-            if (state, frameInput) not in expected:
-                state.upon(frameInput).to(failed)(outOfOrder)
+def _notDecidedInTime(m: Handshake, core: Core) -> None:
+    # A server whose owners did not decide in time: the client is pending.
+    core.effects.cancelDecision()
+    core.effects.fail(ErrorCode.pending, EXPLANATIONS[ErrorCode.pending], True, False)
 
-    def ignore(m: Handshake, core: Core, *args: object) -> None:
-        pass
 
-    for state in [*done, failed]:
-        for each in [
-            inputs.refuse,
-            inputs.timedOut,
-            inputs.lost,
-            inputs.error,
-            inputs.unexpected,
-            inputs.trusted,
-            inputs.tlsReady,
-            *frameInputs,
-        ]:
-            state.upon(each).loop()(ignore)
+def _checkTimedOut(m: Handshake, core: Core) -> None:
+    # A client whose own pin check did not answer in time.
+    core.effects.cancelDecision()
+    code = ErrorCode.unavailable
+    core.effects.fail(code, EXPLANATIONS[code], True, False)
+
+
+def _checkTimedOutQuietly(m: Handshake, core: Core) -> None:
+    core.effects.cancelDecision()
+    code = ErrorCode.unavailable
+    core.effects.fail(code, EXPLANATIONS[code], False, False)
+
+
+def _unexpected(frame: Frame) -> str:
+    return f"unexpected {frame.type.name} frame"
+
+
+def _outOfOrder(m: Handshake, core: Core, frame: Frame) -> None:
+    core.effects.fail(ErrorCode.protocol_error, _unexpected(frame), True, False)
+
+
+def _outOfOrderQuietly(m: Handshake, core: Core, frame: Frame) -> None:
+    core.effects.fail(ErrorCode.protocol_error, _unexpected(frame), False, False)
+
+
+def _outOfOrderDeciding(m: Handshake, core: Core, frame: Frame) -> None:
+    core.effects.cancelDecision()
+    core.effects.fail(ErrorCode.protocol_error, _unexpected(frame), True, False)
+
+
+def _outOfOrderDecidingQuietly(m: Handshake, core: Core, frame: Frame) -> None:
+    core.effects.cancelDecision()
+    core.effects.fail(ErrorCode.protocol_error, _unexpected(frame), False, False)
+
+
+def _peerFailed(m: Handshake, core: Core, frame: Error) -> None:
+    core.effects.fail(frame.errorCode, frame.explanation, False, True)
+
+
+def _peerFailedDeciding(m: Handshake, core: Core, frame: Error) -> None:
+    core.effects.cancelDecision()
+    core.effects.fail(frame.errorCode, frame.explanation, False, True)
+
+
+def _lost(m: Handshake, core: Core) -> None:
+    pass
+
+
+def _lostDeciding(m: Handshake, core: Core) -> None:
+    core.effects.cancelDecision()
+
+
+# Once a handshake is over (established or failed), every input does nothing.
+
+
+def _ignore(m: Handshake, core: Core) -> None:
+    pass
+
+
+def _ignoreRefusal(m: Handshake, core: Core, code: ErrorCode, message: str) -> None:
+    pass
+
+
+def _ignoreMessage(m: Handshake, core: Core, message: str) -> None:
+    pass
+
+
+def _ignoreFrame(m: Handshake, core: Core, frame: Frame) -> None:
+    pass
+
+
+def _ignoreChannel(m: Handshake, core: Core, channel: Channel) -> None:
+    pass
+
+
+def _ignoreKnown(m: Handshake, core: Core, early: PeerIdentity | None) -> None:
+    pass
 
 
 def buildServer() -> Callable[[Core], ServerHandshake]:
@@ -283,6 +369,11 @@ def buildServer() -> Callable[[Core], ServerHandshake]:
 
     @pep614(awaitingTLS.upon(ServerHandshake.tlsReady).to(awaitingHello))
     def bind(m: ServerHandshake, core: Core, channel: Channel) -> None:
+        core.channel = channel
+
+    @pep614(awaitingTLS.upon(ServerHandshake.tlsReady2).to(awaitingProof))
+    def bind2(m: ServerHandshake, core: Core, channel: Channel) -> None:
+        # Version 2: no HELLO, no CHALLENGE; the client's PROOF comes first.
         core.channel = channel
 
     @pep614(awaitingHello.upon(ServerHandshake.hello).to(awaitingProof))
@@ -304,26 +395,87 @@ def buildServer() -> Callable[[Core], ServerHandshake]:
 
     @pep614(deciding.upon(ServerHandshake.trusted).to(established))
     def accept(m: ServerHandshake, core: Core) -> None:
-        assert core.peer is not None
-        core.effects.sendFrame(Accept())
+        assert core.peer is not None and core.channel is not None
+        if core.version == 1:
+            core.effects.sendFrame(Accept())
+        else:
+            # Version 2: the server proves itself only to a client it trusts.
+            proof = makeProof(
+                core.identity, Role.server, b"", core.channel.exporter, core.version
+            )
+            core.effects.sendFrame(ProofAccept(proof))
         core.effects.connectApplication(core.peer)
         core.effects.established()
 
-    _registerCommon(
-        builder,
-        ServerHandshake,
-        [awaitingTLS, awaitingHello, awaitingProof, verifying, deciding],
-        deciding,
-        ErrorCode.pending,
-        [],
-        [established],
-        failed,
-        [ServerHandshake.hello, ServerHandshake.proof],
-        {
-            (awaitingHello, ServerHandshake.hello),
-            (awaitingProof, ServerHandshake.proof),
-        },
-    )
+    # Failures, state by state: every input a state does not expect fails
+    # the handshake.
+    # awaitingTLS
+    awaitingTLS.upon(ServerHandshake.refuse).to(failed)(_refuse)
+    awaitingTLS.upon(ServerHandshake.brokenError).to(failed)(_brokenError)
+    awaitingTLS.upon(ServerHandshake.timedOut).to(failed)(_timedOut)
+    awaitingTLS.upon(ServerHandshake.lost).to(failed)(_lost)
+    awaitingTLS.upon(ServerHandshake.error).to(failed)(_peerFailed)
+    awaitingTLS.upon(ServerHandshake.unexpected).to(failed)(_outOfOrder)
+    awaitingTLS.upon(ServerHandshake.hello).to(failed)(_outOfOrder)
+    awaitingTLS.upon(ServerHandshake.proof).to(failed)(_outOfOrder)
+    # awaitingHello
+    awaitingHello.upon(ServerHandshake.refuse).to(failed)(_refuse)
+    awaitingHello.upon(ServerHandshake.brokenError).to(failed)(_brokenError)
+    awaitingHello.upon(ServerHandshake.timedOut).to(failed)(_timedOut)
+    awaitingHello.upon(ServerHandshake.lost).to(failed)(_lost)
+    awaitingHello.upon(ServerHandshake.error).to(failed)(_peerFailed)
+    awaitingHello.upon(ServerHandshake.unexpected).to(failed)(_outOfOrder)
+    awaitingHello.upon(ServerHandshake.proof).to(failed)(_outOfOrder)
+    # awaitingProof
+    awaitingProof.upon(ServerHandshake.refuse).to(failed)(_refuse)
+    awaitingProof.upon(ServerHandshake.brokenError).to(failed)(_brokenError)
+    awaitingProof.upon(ServerHandshake.timedOut).to(failed)(_timedOut)
+    awaitingProof.upon(ServerHandshake.lost).to(failed)(_lost)
+    awaitingProof.upon(ServerHandshake.error).to(failed)(_peerFailed)
+    awaitingProof.upon(ServerHandshake.unexpected).to(failed)(_outOfOrder)
+    awaitingProof.upon(ServerHandshake.hello).to(failed)(_outOfOrder)
+    # verifying
+    verifying.upon(ServerHandshake.refuse).to(failed)(_refuse)
+    verifying.upon(ServerHandshake.brokenError).to(failed)(_brokenError)
+    verifying.upon(ServerHandshake.timedOut).to(failed)(_timedOut)
+    verifying.upon(ServerHandshake.lost).to(failed)(_lost)
+    verifying.upon(ServerHandshake.error).to(failed)(_peerFailed)
+    verifying.upon(ServerHandshake.unexpected).to(failed)(_outOfOrder)
+    verifying.upon(ServerHandshake.hello).to(failed)(_outOfOrder)
+    verifying.upon(ServerHandshake.proof).to(failed)(_outOfOrder)
+    # deciding
+    deciding.upon(ServerHandshake.refuse).to(failed)(_refuseDeciding)
+    deciding.upon(ServerHandshake.brokenError).to(failed)(_brokenErrorDeciding)
+    deciding.upon(ServerHandshake.timedOut).to(failed)(_notDecidedInTime)
+    deciding.upon(ServerHandshake.lost).to(failed)(_lostDeciding)
+    deciding.upon(ServerHandshake.error).to(failed)(_peerFailedDeciding)
+    deciding.upon(ServerHandshake.unexpected).to(failed)(_outOfOrderDeciding)
+    deciding.upon(ServerHandshake.hello).to(failed)(_outOfOrderDeciding)
+    deciding.upon(ServerHandshake.proof).to(failed)(_outOfOrderDeciding)
+    # established
+    established.upon(ServerHandshake.refuse).loop()(_ignoreRefusal)
+    established.upon(ServerHandshake.brokenError).loop()(_ignoreMessage)
+    established.upon(ServerHandshake.timedOut).loop()(_ignore)
+    established.upon(ServerHandshake.lost).loop()(_ignore)
+    established.upon(ServerHandshake.error).loop()(_ignoreFrame)
+    established.upon(ServerHandshake.unexpected).loop()(_ignoreFrame)
+    established.upon(ServerHandshake.trusted).loop()(_ignore)
+    established.upon(ServerHandshake.tlsReady).loop()(_ignoreChannel)
+    established.upon(ServerHandshake.tlsReady2).loop()(_ignoreChannel)
+    established.upon(ServerHandshake.hello).loop()(_ignoreFrame)
+    established.upon(ServerHandshake.proof).loop()(_ignoreFrame)
+    # failed
+    failed.upon(ServerHandshake.refuse).loop()(_ignoreRefusal)
+    failed.upon(ServerHandshake.brokenError).loop()(_ignoreMessage)
+    failed.upon(ServerHandshake.timedOut).loop()(_ignore)
+    failed.upon(ServerHandshake.lost).loop()(_ignore)
+    failed.upon(ServerHandshake.error).loop()(_ignoreFrame)
+    failed.upon(ServerHandshake.unexpected).loop()(_ignoreFrame)
+    failed.upon(ServerHandshake.trusted).loop()(_ignore)
+    failed.upon(ServerHandshake.tlsReady).loop()(_ignoreChannel)
+    failed.upon(ServerHandshake.tlsReady2).loop()(_ignoreChannel)
+    failed.upon(ServerHandshake.hello).loop()(_ignoreFrame)
+    failed.upon(ServerHandshake.proof).loop()(_ignoreFrame)
     return builder.build()
 
 
@@ -334,10 +486,16 @@ def buildClient() -> Callable[[Core], ClientHandshake]:
     """
     builder = TypeMachineBuilder(ClientHandshake, Core)
     awaitingTLS = builder.state("AwaitingTLS")
+    # Version 1.
     awaitingChallenge = builder.state("AwaitingChallenge")
     verifying = builder.state("Verifying")
     checking = builder.state("Checking")
     awaitingAccept = builder.state("AwaitingAccept")
+    # Version 2.
+    checkingEarly = builder.state("CheckingEarly")
+    awaitingProofAccept = builder.state("AwaitingProofAccept")
+    verifyingAccept = builder.state("VerifyingAccept")
+    checkingServer = builder.state("CheckingServer")
     established = builder.state("Established")
     failed = builder.state("Failed")
 
@@ -369,19 +527,173 @@ def buildClient() -> Callable[[Core], ClientHandshake]:
     def accepted(m: ClientHandshake, core: Core, frame: Accept) -> None:
         core.effects.established()
 
-    _registerCommon(
-        builder,
-        ClientHandshake,
-        [awaitingTLS, awaitingChallenge, verifying, checking, awaitingAccept],
-        checking,
-        ErrorCode.unavailable,
-        [awaitingAccept],
-        [established],
-        failed,
-        [ClientHandshake.challenge, ClientHandshake.accept],
-        {
-            (awaitingChallenge, ClientHandshake.challenge),
-            (awaitingAccept, ClientHandshake.accept),
-        },
+    # Version 2.
+
+    @pep614(awaitingTLS.upon(ClientHandshake.tlsReady2).to(checkingEarly))
+    def checkEarly(m: ClientHandshake, core: Core, channel: Channel) -> None:
+        core.channel = channel
+        core.effects.checkEarly(channel)
+
+    @pep614(checkingEarly.upon(ClientHandshake.known).to(awaitingProofAccept))
+    def prove2(m: ClientHandshake, core: Core, early: PeerIdentity | None) -> None:
+        assert core.channel is not None
+        core.early = early
+        proof = makeProof(
+            core.identity, Role.client, b"", core.channel.exporter, core.version
+        )
+        core.effects.sendFrame(ProofFrame(proof))
+        if early is not None:
+            # A server pinned here: the application goes ahead now, its bytes
+            # straight after the PROOF; the server holds them until it trusts
+            # us, and we deliver none of its bytes before its proof.
+            core.effects.connectApplication(early)
+
+    @pep614(awaitingProofAccept.upon(ClientHandshake.proofAccept).to(verifyingAccept))
+    def verify2(m: ClientHandshake, core: Core, frame: ProofAccept) -> None:
+        _verify(m, core, frame, Role.server)
+
+    @pep614(verifyingAccept.upon(ClientHandshake._verified).to(checkingServer))
+    def check2(m: ClientHandshake, core: Core, peer: PeerIdentity) -> None:
+        if core.early is None:
+            core.effects.requestDecision(peer)
+        elif core.early == peer:
+            # The identity the early check found: nothing more to ask.
+            m.trusted()
+        else:
+            m.refuse(
+                ErrorCode.identity_changed,
+                f"the server's key is pinned as {core.early.name}, but it"
+                f" proved {peer.name}",
+            )
+
+    @pep614(checkingServer.upon(ClientHandshake.trusted).to(established))
+    def trusted2(m: ClientHandshake, core: Core) -> None:
+        assert core.peer is not None
+        if core.early is None:
+            core.effects.connectApplication(core.peer)
+        core.effects.established()
+
+    # Failures, state by state: every input a state does not expect fails
+    # the handshake.
+    # awaitingTLS
+    awaitingTLS.upon(ClientHandshake.refuse).to(failed)(_refuse)
+    awaitingTLS.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    awaitingTLS.upon(ClientHandshake.timedOut).to(failed)(_timedOut)
+    awaitingTLS.upon(ClientHandshake.lost).to(failed)(_lost)
+    awaitingTLS.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    awaitingTLS.upon(ClientHandshake.unexpected).to(failed)(_outOfOrder)
+    awaitingTLS.upon(ClientHandshake.challenge).to(failed)(_outOfOrder)
+    awaitingTLS.upon(ClientHandshake.accept).to(failed)(_outOfOrder)
+    awaitingTLS.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrder)
+    # awaitingChallenge
+    awaitingChallenge.upon(ClientHandshake.refuse).to(failed)(_refuse)
+    awaitingChallenge.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    awaitingChallenge.upon(ClientHandshake.timedOut).to(failed)(_timedOut)
+    awaitingChallenge.upon(ClientHandshake.lost).to(failed)(_lost)
+    awaitingChallenge.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    awaitingChallenge.upon(ClientHandshake.unexpected).to(failed)(_outOfOrder)
+    awaitingChallenge.upon(ClientHandshake.accept).to(failed)(_outOfOrder)
+    awaitingChallenge.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrder)
+    # verifying
+    verifying.upon(ClientHandshake.refuse).to(failed)(_refuse)
+    verifying.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    verifying.upon(ClientHandshake.timedOut).to(failed)(_timedOut)
+    verifying.upon(ClientHandshake.lost).to(failed)(_lost)
+    verifying.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    verifying.upon(ClientHandshake.unexpected).to(failed)(_outOfOrder)
+    verifying.upon(ClientHandshake.challenge).to(failed)(_outOfOrder)
+    verifying.upon(ClientHandshake.accept).to(failed)(_outOfOrder)
+    verifying.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrder)
+    # checking
+    checking.upon(ClientHandshake.refuse).to(failed)(_refuseDeciding)
+    checking.upon(ClientHandshake.brokenError).to(failed)(_brokenErrorDeciding)
+    checking.upon(ClientHandshake.timedOut).to(failed)(_checkTimedOut)
+    checking.upon(ClientHandshake.lost).to(failed)(_lostDeciding)
+    checking.upon(ClientHandshake.error).to(failed)(_peerFailedDeciding)
+    checking.upon(ClientHandshake.unexpected).to(failed)(_outOfOrderDeciding)
+    checking.upon(ClientHandshake.challenge).to(failed)(_outOfOrderDeciding)
+    checking.upon(ClientHandshake.accept).to(failed)(_outOfOrderDeciding)
+    checking.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrderDeciding)
+    # awaitingAccept
+    awaitingAccept.upon(ClientHandshake.refuse).to(failed)(_refuseQuietly)
+    awaitingAccept.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    awaitingAccept.upon(ClientHandshake.timedOut).to(failed)(_timedOutQuietly)
+    awaitingAccept.upon(ClientHandshake.lost).to(failed)(_lost)
+    awaitingAccept.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    awaitingAccept.upon(ClientHandshake.unexpected).to(failed)(_outOfOrderQuietly)
+    awaitingAccept.upon(ClientHandshake.challenge).to(failed)(_outOfOrderQuietly)
+    awaitingAccept.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrderQuietly)
+    # checkingEarly
+    checkingEarly.upon(ClientHandshake.refuse).to(failed)(_refuseDeciding)
+    checkingEarly.upon(ClientHandshake.brokenError).to(failed)(_brokenErrorDeciding)
+    checkingEarly.upon(ClientHandshake.timedOut).to(failed)(_checkTimedOut)
+    checkingEarly.upon(ClientHandshake.lost).to(failed)(_lostDeciding)
+    checkingEarly.upon(ClientHandshake.error).to(failed)(_peerFailedDeciding)
+    checkingEarly.upon(ClientHandshake.unexpected).to(failed)(_outOfOrderDeciding)
+    checkingEarly.upon(ClientHandshake.challenge).to(failed)(_outOfOrderDeciding)
+    checkingEarly.upon(ClientHandshake.accept).to(failed)(_outOfOrderDeciding)
+    checkingEarly.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrderDeciding)
+    # awaitingProofAccept
+    awaitingProofAccept.upon(ClientHandshake.refuse).to(failed)(_refuseQuietly)
+    awaitingProofAccept.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    awaitingProofAccept.upon(ClientHandshake.timedOut).to(failed)(_timedOutQuietly)
+    awaitingProofAccept.upon(ClientHandshake.lost).to(failed)(_lost)
+    awaitingProofAccept.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    awaitingProofAccept.upon(ClientHandshake.unexpected).to(failed)(_outOfOrderQuietly)
+    awaitingProofAccept.upon(ClientHandshake.challenge).to(failed)(_outOfOrderQuietly)
+    awaitingProofAccept.upon(ClientHandshake.accept).to(failed)(_outOfOrderQuietly)
+    # verifyingAccept
+    verifyingAccept.upon(ClientHandshake.refuse).to(failed)(_refuseQuietly)
+    verifyingAccept.upon(ClientHandshake.brokenError).to(failed)(_brokenError)
+    verifyingAccept.upon(ClientHandshake.timedOut).to(failed)(_timedOutQuietly)
+    verifyingAccept.upon(ClientHandshake.lost).to(failed)(_lost)
+    verifyingAccept.upon(ClientHandshake.error).to(failed)(_peerFailed)
+    verifyingAccept.upon(ClientHandshake.unexpected).to(failed)(_outOfOrderQuietly)
+    verifyingAccept.upon(ClientHandshake.challenge).to(failed)(_outOfOrderQuietly)
+    verifyingAccept.upon(ClientHandshake.accept).to(failed)(_outOfOrderQuietly)
+    verifyingAccept.upon(ClientHandshake.proofAccept).to(failed)(_outOfOrderQuietly)
+    # checkingServer
+    checkingServer.upon(ClientHandshake.refuse).to(failed)(_refuseDecidingQuietly)
+    checkingServer.upon(ClientHandshake.brokenError).to(failed)(_brokenErrorDeciding)
+    checkingServer.upon(ClientHandshake.timedOut).to(failed)(_checkTimedOutQuietly)
+    checkingServer.upon(ClientHandshake.lost).to(failed)(_lostDeciding)
+    checkingServer.upon(ClientHandshake.error).to(failed)(_peerFailedDeciding)
+    checkingServer.upon(ClientHandshake.unexpected).to(failed)(
+        _outOfOrderDecidingQuietly
     )
+    checkingServer.upon(ClientHandshake.challenge).to(failed)(
+        _outOfOrderDecidingQuietly
+    )
+    checkingServer.upon(ClientHandshake.accept).to(failed)(_outOfOrderDecidingQuietly)
+    checkingServer.upon(ClientHandshake.proofAccept).to(failed)(
+        _outOfOrderDecidingQuietly
+    )
+    # established
+    established.upon(ClientHandshake.refuse).loop()(_ignoreRefusal)
+    established.upon(ClientHandshake.brokenError).loop()(_ignoreMessage)
+    established.upon(ClientHandshake.timedOut).loop()(_ignore)
+    established.upon(ClientHandshake.lost).loop()(_ignore)
+    established.upon(ClientHandshake.error).loop()(_ignoreFrame)
+    established.upon(ClientHandshake.unexpected).loop()(_ignoreFrame)
+    established.upon(ClientHandshake.trusted).loop()(_ignore)
+    established.upon(ClientHandshake.tlsReady).loop()(_ignoreChannel)
+    established.upon(ClientHandshake.tlsReady2).loop()(_ignoreChannel)
+    established.upon(ClientHandshake.known).loop()(_ignoreKnown)
+    established.upon(ClientHandshake.challenge).loop()(_ignoreFrame)
+    established.upon(ClientHandshake.accept).loop()(_ignoreFrame)
+    established.upon(ClientHandshake.proofAccept).loop()(_ignoreFrame)
+    # failed
+    failed.upon(ClientHandshake.refuse).loop()(_ignoreRefusal)
+    failed.upon(ClientHandshake.brokenError).loop()(_ignoreMessage)
+    failed.upon(ClientHandshake.timedOut).loop()(_ignore)
+    failed.upon(ClientHandshake.lost).loop()(_ignore)
+    failed.upon(ClientHandshake.error).loop()(_ignoreFrame)
+    failed.upon(ClientHandshake.unexpected).loop()(_ignoreFrame)
+    failed.upon(ClientHandshake.trusted).loop()(_ignore)
+    failed.upon(ClientHandshake.tlsReady).loop()(_ignoreChannel)
+    failed.upon(ClientHandshake.tlsReady2).loop()(_ignoreChannel)
+    failed.upon(ClientHandshake.known).loop()(_ignoreKnown)
+    failed.upon(ClientHandshake.challenge).loop()(_ignoreFrame)
+    failed.upon(ClientHandshake.accept).loop()(_ignoreFrame)
+    failed.upon(ClientHandshake.proofAccept).loop()(_ignoreFrame)
     return builder.build()

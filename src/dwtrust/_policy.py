@@ -26,7 +26,7 @@ from zope.interface import Interface, implementer
 from ._authority import Decisions, refuseChangedIdentity
 from ._bus import ControlBus
 from ._decision import SignedDecision, Signers
-from ._identity import Identity, PeerIdentity
+from ._identity import Identity, PeerIdentity, PublicKey
 from ._machine import Refusal
 from ._wire import ErrorCode
 from .approval import ApprovalRequest, Decision, IApprover
@@ -59,6 +59,31 @@ class ITrustPolicy(Interface):
 
         @param source: where the peer is: the address it connects from (for a
             server) or the address we dialled (for a client).
+        """
+
+
+class IEarlyTrust(Interface):
+    """
+    A client policy that can tell, from the server's TLS certificate key
+    alone, whether that server is already known (dwtrust version 2): a known
+    server's application is connected before its proof arrives, so that the
+    client's first bytes leave with its C{PROOF}.  The server's proof is
+    still verified, and must prove the identity this returns, before any of
+    the server's bytes are delivered.
+    """
+
+    def knownKey(
+        key: PublicKey, source: str, claimed: tuple[str, str] | None = None
+    ) -> Deferred[PeerIdentity | None]:
+        """
+        Fire with the identity pinned with exactly C{key} for C{source} (the
+        address dialled), or under its C{org/service} elsewhere, or L{None}
+        if none is; fail with a L{Refusal} (C{identity_changed}) if C{source}
+        is pinned to another key, or (C{denied}) if the policy refuses
+        unknown servers.
+
+        @param claimed: the C{(org, service)} the server's certificate names:
+            a claim, which only says where to look for C{key}.
         """
 
 
@@ -273,7 +298,7 @@ class ApprovalPolicy:
         )
 
 
-@implementer(ITrustPolicy)
+@implementer(ITrustPolicy, IEarlyTrust)
 class PinningPolicy:
     """
     A client's policy for the servers it dials.
@@ -305,6 +330,73 @@ class PinningPolicy:
     def check(self, peer: PeerIdentity, source: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._check(peer, source))
 
+    def knownKey(
+        self, key: PublicKey, source: str, claimed: tuple[str, str] | None = None
+    ) -> Deferred[PeerIdentity | None]:
+        """
+        The server pinned for C{source} if its key is C{key} (and it is the
+        expected service, if one is set), or pinned with C{key} under the
+        names its certificate C{claimed} (then pinned for C{source} too, as
+        L{check} does); L{None} if neither (the server's proof then goes to
+        L{check}).  A L{Refusal}: C{identity_changed} if C{source} is pinned
+        to another key; C{denied} in strict mode for a server not known, or
+        for one whose certificate names another service than the expected
+        one, before this client proves anything.
+        """
+        return Deferred.fromCoroutine(self._knownKey(key, source, claimed))
+
+    async def _knownKey(
+        self, key: PublicKey, address: str, claimed: tuple[str, str] | None
+    ) -> PeerIdentity | None:
+        pin = await self.known.pinned(address)
+        if pin is None:
+            return await self._knownElsewhere(key, address, claimed)
+        if pin.fingerprint != key.fingerprint:
+            self._changed(
+                PeerIdentity(pin.org, pin.service, key),
+                address,
+                f"{pin.org}/{pin.service} {pin.fingerprint}",
+                "a key",
+            )
+        if self.expected is not None and f"{pin.org}/{pin.service}" != self.expected:
+            # Not the service expected: let the full check refuse it.
+            return None
+        return PeerIdentity(pin.org, pin.service, key)
+
+    async def _knownElsewhere(
+        self, key: PublicKey, address: str, claimed: tuple[str, str] | None
+    ) -> PeerIdentity | None:
+        # The names in the certificate are only where to look: nothing
+        # proves them (a peer need not even put its names there), so they
+        # never refuse a server.  An expected service is checked against the
+        # names the server proves.
+        if claimed is not None and (
+            self.expected is None or "/".join(claimed) == self.expected
+        ):
+            for other in await self.known.pinnedService(*claimed):
+                if other.fingerprint == key.fingerprint:
+                    # The key proved these names before: it is this service.
+                    peer = PeerIdentity(other.org, other.service, key)
+                    await self._pin(address, peer)
+                    return peer
+        if self.strict:
+            raise Refusal(
+                ErrorCode.denied,
+                f"the server at {address} ({key.fingerprint}) is not a known"
+                " service, and strict checking is on",
+            )
+        return None
+
+    async def _pin(self, address: str, peer: PeerIdentity) -> None:
+        await self.known.pin(address, peer)
+        self.log.info(
+            "dwtrust: pinned {peer_name} {fingerprint} for {address}",
+            event="dwtrust.pinned",
+            peer_name=peer.name,
+            fingerprint=peer.fingerprint,
+            address=address,
+        )
+
     async def _check(self, peer: PeerIdentity, address: str) -> None:
         if self.expected is not None and peer.name != self.expected:
             raise Refusal(
@@ -331,27 +423,30 @@ class PinningPolicy:
                 f"{peer.name} ({peer.fingerprint}) at {address} is not a known"
                 " service, and strict checking is on",
             )
-        await self.known.pin(address, peer)
-        self.log.info(
-            "dwtrust: pinned {peer_name} {fingerprint} for {address}",
-            event="dwtrust.pinned",
-            peer_name=peer.name,
-            fingerprint=peer.fingerprint,
-            address=address,
-        )
+        await self._pin(address, peer)
 
-    def _changed(self, peer: PeerIdentity, address: str, known: str) -> None:
+    def _changed(
+        self, peer: PeerIdentity, address: str, known: str, presented: str = ""
+    ) -> None:
+        """
+        Refuse C{peer} with C{identity_changed}.
+
+        @param presented: what the server presented, if not its proved
+            name (the early check knows only its certificate key).
+        """
+        presented = presented or peer.name
         self.log.warn(
             "dwtrust: IDENTITY CHANGED at {address}: the server presented"
-            " {peer_name} {fingerprint}; known: {known}",
+            " {presented} {fingerprint}; known: {known}",
             event="dwtrust.identity_changed",
             address=address,
-            peer_name=peer.name,
+            presented=presented,
+            peer_name=peer.name if presented == peer.name else None,
             fingerprint=peer.fingerprint,
             known=known,
         )
         raise Refusal(
             ErrorCode.identity_changed,
-            f"the server at {address} presented {peer.name} {peer.fingerprint},"
+            f"the server at {address} presented {presented} {peer.fingerprint},"
             f" but {known} is on record",
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._identity import Identity, IdentityError, PeerIdentity, PublicKey, validateName
 from ._tls import Channel
-from ._wire import ErrorCode, Proof, Role, signedPayload
+from ._wire import VERSION, ErrorCode, Proof, Role, signedPayload
 
 
 class ProofRejected(Exception):
@@ -23,16 +23,28 @@ class ProofRejected(Exception):
 
 
 def makeProof(
-    identity: Identity, role: Role, challenge: bytes, exporter: bytes
+    identity: Identity,
+    role: Role,
+    challenge: bytes,
+    exporter: bytes,
+    version: int = VERSION,
 ) -> Proof:
     """
     Sign C{identity}'s claim for the peer's C{challenge} on the connection
-    whose exporter value is C{exporter}.
+    whose exporter value is C{exporter}, in protocol C{version} (version 2
+    has no challenge: pass C{b""}; it is ignored).
     """
     algorithm = identity.algorithm.name
     blob = identity.publicKey.blob
     payload = signedPayload(
-        role, identity.org, identity.service, algorithm, blob, challenge, exporter
+        role,
+        identity.org,
+        identity.service,
+        algorithm,
+        blob,
+        challenge,
+        exporter,
+        version,
     )
     return Proof(
         identity.org, identity.service, algorithm, blob, identity.sign(payload)
@@ -40,12 +52,17 @@ def makeProof(
 
 
 def verifyProof(
-    proof: Proof, role: Role, challenge: bytes, channel: Channel
+    proof: Proof,
+    role: Role,
+    challenge: bytes,
+    channel: Channel,
+    version: int = VERSION,
 ) -> PeerIdentity:
     """
     Check a peer's proof: well-formed names, an algorithm name that matches the
     key, the same key as the peer's TLS certificate, and a valid signature over
-    the claim, C{challenge} (which we sent) and this connection's exporter.
+    the claim, C{challenge} (which we sent; version 1 only, ignored in
+    version 2) and this connection's exporter, in protocol C{version}.
 
     @param role: the role of the peer that made the proof.
     @raise ProofRejected: naming the first check that failed.
@@ -77,6 +94,7 @@ def verifyProof(
         proof.publicKey,
         challenge,
         channel.exporter,
+        version,
     )
     if not key.verify(proof.signature, payload):
         raise ProofRejected(ErrorCode.bad_signature, "the signature does not verify")

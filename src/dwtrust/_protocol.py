@@ -49,11 +49,12 @@ from ._machine import (
     buildClient,
     buildServer,
 )
-from ._policy import ITrustPolicy
+from ._policy import IEarlyTrust, ITrustPolicy
 from ._status import LIMITED, Metrics
-from ._tls import ConnectionCreator, channelOf
+from ._tls import Channel, ConnectionCreator, channelOf
 from ._wire import (
     EXPLANATIONS,
+    VERSIONS,
     Accept,
     Challenge,
     Error,
@@ -61,6 +62,7 @@ from ._wire import (
     Frame,
     FrameDecoder,
     Hello,
+    ProofAccept,
     ProofFrame,
     WireError,
     encodeFrame,
@@ -228,6 +230,8 @@ class HandshakeProtocol(Protocol):
         self._waitingFor: str | None = None
         self._heldCounted = 0
         self._reached = "tcp"
+        #: The dwtrust version of this connection, once TLS has settled it.
+        self.protocolVersion: int | None = None
         self._decoder = FrameDecoder()
         self._stage = _Stage.frames
         self._held: list[bytes] = []
@@ -237,7 +241,7 @@ class HandshakeProtocol(Protocol):
         self._readingPaused = False
         self._tlsDone = False
         self._timer: IDelayedCall | None = None
-        self._decision: Deferred[None] | None = None
+        self._decision: Deferred[Any] | None = None
         self._failure: HandshakeFailed | None = None
         self.peer: PeerIdentity | None = None
         self.applicationConnected = False
@@ -253,15 +257,18 @@ class HandshakeProtocol(Protocol):
         if factory.isClient:
             client = _newClient(core)
             self._machine = client
+            self._known: Callable[[PeerIdentity | None], None] | None = client.known
             self._dispatch: dict[type, Callable[[Any], None]] = {
                 Challenge: client.challenge,
                 Accept: client.accept,
+                ProofAccept: client.proofAccept,
                 Error: client.error,
             }
             self._lastFrame: type = Accept
         else:
             server = _newServer(core)
             self._machine = server
+            self._known = None
             self._dispatch = {
                 Hello: server.hello,
                 ProofFrame: server.proof,
@@ -321,7 +328,24 @@ class HandshakeProtocol(Protocol):
         except WireError as e:
             self._machine.refuse(e.code, e.message)
             return
-        self._machine.tlsReady(channel)
+        version = self.protocolVersion = channel.protocol
+        if version != 1:
+            self._decoder = FrameDecoder(version)
+            if self._factory.isClient:
+                self._lastFrame = ProofAccept
+        if version not in self._factory.versions:
+            # A peer of a version we do not speak: one ERROR frame in its
+            # version, then close.
+            self._machine.refuse(
+                ErrorCode.version_unsupported,
+                f"the peer speaks dwtrust version {version}; this side speaks"
+                f" {', '.join(map(str, self._factory.versions))}",
+            )
+            return
+        if version == 1:
+            self._machine.tlsReady(channel)
+        else:
+            self._machine.tlsReady2(channel)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stage is _Stage.frames:
@@ -404,7 +428,10 @@ class HandshakeProtocol(Protocol):
             try:
                 frame = self._decoder.next()
             except WireError as e:
-                self._machine.refuse(e.code, e.message)
+                if e.answer:
+                    self._machine.refuse(e.code, e.message)
+                else:
+                    self._machine.brokenError(e.message)
                 return
             if frame is None:
                 return
@@ -533,7 +560,44 @@ class HandshakeProtocol(Protocol):
     def sendFrame(self, frame: Frame) -> None:
         if isinstance(frame, Challenge):
             self._reached = "challenge"
-        self.transport.write(encodeFrame(frame))
+        elif self._factory.isClient and isinstance(frame, ProofFrame):
+            # The server may hold us for its whole decision time; wait longer
+            # than that, so that its answer ("pending") reaches us first.
+            self._resetTimer(self._factory.decisionTimeout + self._factory.timeout)
+        self.transport.write(encodeFrame(frame, self.protocolVersion or 1))
+
+    def checkEarly(self, channel: Channel) -> None:
+        answer = self._known
+        assert answer is not None
+        policy = self._factory.policy
+        if not IEarlyTrust.providedBy(policy):
+            # A policy that cannot tell before the server's proof: the
+            # application waits for it.
+            answer(None)
+            return
+        checking = IEarlyTrust(policy).knownKey(
+            channel.peerKey, self._source, channel.peerNames
+        )
+        self._decision = checking
+
+        def known(identity: PeerIdentity | None) -> None:
+            self._decision = None
+            answer(identity)
+
+        def refused(failure: Failure) -> None:
+            if failure.check(CancelledError) and self._decision is None:
+                return
+            self._decision = None
+            if failure.check(Refusal):
+                refusal: Refusal = failure.value  # type: ignore[assignment]
+                self._machine.refuse(refusal.code, refusal.message)
+            else:
+                self._log.failure("early trust check failed", failure)
+                self._machine.refuse(
+                    ErrorCode.unavailable, EXPLANATIONS[ErrorCode.unavailable]
+                )
+
+        checking.addCallbacks(known, refused)
 
     def requestDecision(self, peer: PeerIdentity) -> None:
         self.peer = peer
@@ -599,10 +663,8 @@ class HandshakeProtocol(Protocol):
             decision.cancel()
 
     def connectApplication(self, peer: PeerIdentity) -> None:
-        if self._factory.isClient:
-            # The server may hold us for its whole decision time; wait longer
-            # than that, so that its answer ("pending") reaches us first.
-            self._resetTimer(self._factory.decisionTimeout + self._factory.timeout)
+        # A version 2 client connects to a pinned server before its proof.
+        self.peer = peer
         self.applicationConnected = True
         self._factory.remember(self)
         self._application.makeConnection(
@@ -639,6 +701,7 @@ class HandshakeProtocol(Protocol):
             algorithm=self.peer.algorithm if self.peer else None,
             peerRole="server" if self._factory.isClient else "client",
             source=self._source,
+            protocol=self.protocolVersion,
         )
         self._overflowing = False
         self._deliverHeld()
@@ -768,6 +831,7 @@ class HandshakeFactory(Factory):
         limits: Limits | None = None,
         admission: Admission | None = None,
         metrics: Metrics | None = None,
+        versions: tuple[int, ...] = VERSIONS,
     ) -> None:
         """
         @param limits: the limits on peers; only C{maxCertificate} applies
@@ -777,6 +841,8 @@ class HandshakeFactory(Factory):
             no limits on connections.
         @param metrics: for a server, where to count handshakes by outcome,
             open connections and decision latency; L{None} to count nothing.
+        @param versions: the dwtrust versions this side speaks, preferred
+            first; the TLS layer (L{ConnectionCreator}) must offer the same.
         """
         self.applicationFactory = applicationFactory
         self.identity = identity
@@ -786,6 +852,7 @@ class HandshakeFactory(Factory):
         self.timeout = timeout
         self.decisionTimeout = decisionTimeout
         self.randomBytes = randomBytes
+        self.versions = versions
         self._source = source
         self.limits = limits if limits is not None else Limits()
         self.admission = None if isClient else admission

@@ -12,6 +12,10 @@ from the identity key.
   tickets OpenSSL still sends name sessions nothing keeps) and no
   renegotiation:
   every connection presents its certificate and runs a full key exchange.
+- The dwtrust protocol version is negotiated with ALPN (ids L{ALPN_IDS}),
+  inside the TLS handshake: a client offers its versions, newest first, and
+  a server picks the newest it speaks too.  A side that speaks version 1
+  only sends and selects no ALPN at all, exactly as before version 2.
 - Certificates are not checked against any authority.  They carry the key that
   the dwtrust proof must then be made with; the proof, bound to the exporter
   value, is what authenticates the peer.
@@ -27,6 +31,7 @@ import datetime
 import hashlib
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 
 from attrs import frozen
 from cryptography import x509
@@ -43,12 +48,15 @@ from zope.interface import implementer
 
 from ._identity import Identity, IdentityError, PublicKey
 from ._limits import DEFAULT_MAX_CERTIFICATE
-from ._wire import EXPORTER_LABEL, EXPORTER_SIZE, ErrorCode, WireError
+from ._wire import EXPORTER_LABEL, EXPORTER_SIZE, VERSIONS, ErrorCode, WireError
 
 #: Key-exchange groups, most preferred first.
 PREFERRED_GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
 #: TLS 1.2 suites: ECDHE key exchange and an AEAD cipher, nothing else.
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+#: The ALPN protocol id of each dwtrust version.
+ALPN_IDS = {2: b"dwtrust/2", 1: b"dwtrust/1"}
+_ALPN_VERSIONS = {alpn: version for version, alpn in ALPN_IDS.items()}
 
 
 class TLSConfigurationError(Exception):
@@ -130,9 +138,47 @@ def _acceptAnyCertificate(
     return True
 
 
-def makeContext(identity: Identity) -> SSL.Context:
+def checkVersions(versions: tuple[int, ...]) -> tuple[int, ...]:
+    """
+    Check a tuple of dwtrust versions to offer, preferred first.
+
+    @raise ValueError: if it is empty, repeats one, or names one not spoken.
+    """
+    if not versions or len(set(versions)) != len(versions):
+        raise ValueError(f"versions must name each version once: {versions!r}")
+    unknown = [v for v in versions if v not in VERSIONS]
+    if unknown:
+        raise ValueError(
+            f"dwtrust version {unknown[0]!r} is not one of {VERSIONS} spoken here"
+        )
+    return versions
+
+
+def _alpnSelector(
+    versions: tuple[int, ...],
+) -> Callable[[SSL.Connection, list[bytes]], bytes | object]:
+    """
+    The server's ALPN choice: the first of C{versions} the client offers, or
+    none at all (the connection is then version 1).
+    """
+    preferred = [ALPN_IDS[v] for v in versions]
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        for alpn in preferred:
+            if alpn in offered:
+                return alpn
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def makeContext(
+    identity: Identity, versions: tuple[int, ...] = VERSIONS
+) -> SSL.Context:
     """
     An OpenSSL context for either role, configured as the module describes.
+    As a server, it selects the newest of C{versions} the client offers by
+    ALPN; with C{versions=(1,)} it does no ALPN (as before version 2).
     """
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -154,6 +200,8 @@ def makeContext(identity: Identity) -> SSL.Context:
     context.set_verify(
         SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _acceptAnyCertificate
     )
+    if versions != (1,):
+        context.set_alpn_select_callback(_alpnSelector(versions))  # type: ignore[arg-type]
     return context
 
 
@@ -162,10 +210,19 @@ class ConnectionCreator:
     """
     Makes OpenSSL connections for L{TLSMemoryBIOProtocol}, from one context
     built once per identity.
+
+    @ivar versions: the dwtrust versions offered (as a client) and selected
+        (as a server), preferred first; C{(1,)} offers no ALPN.
     """
 
-    def __init__(self, identity: Identity) -> None:
-        self._context = makeContext(identity)
+    def __init__(
+        self, identity: Identity, versions: tuple[int, ...] = VERSIONS
+    ) -> None:
+        self.versions = checkVersions(versions)
+        self._context = makeContext(identity, self.versions)
+        self._offer = (
+            [] if self.versions == (1,) else [ALPN_IDS[v] for v in self.versions]
+        )
 
     def serverConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol
@@ -175,7 +232,10 @@ class ConnectionCreator:
     def clientConnectionForTLS(
         self, tlsProtocol: TLSMemoryBIOProtocol
     ) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._context, None)
+        if self._offer:
+            connection.set_alpn_protos(self._offer)
+        return connection
 
 
 @frozen
@@ -186,37 +246,60 @@ class Channel:
     @ivar exporter: the RFC 9266 C{tls-exporter} value of this connection.
     @ivar peerKey: the key in the peer's certificate.
     @ivar version: the TLS version, such as C{"TLSv1.3"}.
+    @ivar protocol: the dwtrust version negotiated by ALPN (1 when none was).
+    @ivar peerNames: the organization and service the peer's certificate
+        names, if it names both: a claim, proved by nothing (the proof
+        proves names), for looking up what is known about its key.
     """
 
     exporter: bytes
     peerKey: PublicKey
     version: str
+    protocol: int = 1
+    peerNames: tuple[str, str] | None = None
 
 
 #: Certificate keys remembered, at most (the least recently used forgotten).
 KEY_CACHE_SIZE = 4096
-_keys: OrderedDict[bytes, PublicKey] = OrderedDict()
+_keys: OrderedDict[bytes, tuple[PublicKey, tuple[str, str] | None]] = OrderedDict()
 
 
-def _certificateKey(der: bytes) -> PublicKey:
+def _names(certificate: x509.Certificate) -> tuple[str, str] | None:
     """
-    The key of a certificate, given as DER.  The same peers connect again and
-    again with the same certificate, so the key is not parsed again each time.
+    The organization and service a certificate's subject names, if exactly
+    one of each.
+    """
+    subject = certificate.subject
+    org = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    service = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(org) != 1 or len(service) != 1:
+        return None
+    values = (org[0].value, service[0].value)
+    if not all(isinstance(v, str) for v in values):
+        return None
+    return (str(values[0]), str(values[1]))
+
+
+def _certificateKey(der: bytes) -> tuple[PublicKey, tuple[str, str] | None]:
+    """
+    The key of a certificate, given as DER, and the names it claims.  The
+    same peers connect again and again with the same certificate, so it is
+    not parsed again each time.
     The cache is keyed by the certificate's SHA-256 digest, not its bytes, so
     an entry costs the same whatever the peer sent (its size is bounded
     before this, too); failures are not cached.
     """
     digest = hashlib.sha256(der).digest()
-    key = _keys.get(digest)
-    if key is not None:
+    known = _keys.get(digest)
+    if known is not None:
         _keys.move_to_end(digest)
-        return key
+        return known
     certificate = x509.load_der_x509_certificate(der)
     key = PublicKey.fromKey(certificate.public_key())  # type: ignore[arg-type]
-    _keys[digest] = key
+    known = _keys[digest] = (key, _names(certificate))
     if len(_keys) > KEY_CACHE_SIZE:
         _keys.popitem(last=False)
-    return key
+    return known
 
 
 def clearKeyCache() -> None:
@@ -278,10 +361,18 @@ def channelOf(
         )
     der = _peerCertificate(connection, maxCertificate)
     try:
-        peerKey = _certificateKey(der)
+        peerKey, peerNames = _certificateKey(der)
     except (IdentityError, ValueError) as e:
         raise WireError(
             ErrorCode.bad_signature, f"the certificate key is not acceptable: {e}"
         ) from None
     exporter = connection.export_keying_material(EXPORTER_LABEL, EXPORTER_SIZE, b"")
-    return Channel(exporter, peerKey, version)
+    return Channel(exporter, peerKey, version, negotiatedVersion(connection), peerNames)
+
+
+def negotiatedVersion(connection: SSL.Connection) -> int:
+    """
+    The dwtrust version ALPN selected on a connection whose TLS handshake has
+    finished: 1 if it selected none (a peer that speaks version 1 only).
+    """
+    return _ALPN_VERSIONS.get(connection.get_alpn_proto_negotiated(), 1)

@@ -18,6 +18,8 @@ from typing import ClassVar
 from attrs import frozen
 
 VERSION = 1
+#: The protocol versions this implementation speaks, newest first.
+VERSIONS = (2, 1)
 MAX_BODY = 4096
 HEADER = struct.Struct("!BBH")
 CHALLENGE_SIZE = 32
@@ -79,10 +81,11 @@ class WireError(Exception):
     @ivar code: the L{ErrorCode} to answer with.
     """
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, answer: bool = True) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.answer = answer
 
 
 def encodeFields(*fields: bytes) -> bytes:
@@ -267,7 +270,9 @@ class Error:
         that it can be logged and shown safely.
         """
         code, message = decodeFields(body, 2)
-        return cls(_printable(code), _printable(message)[:MAX_MESSAGE])
+        return cls(
+            _printable(_text(code, "the error code")), _printable(message)[:MAX_MESSAGE]
+        )
 
     @property
     def errorCode(self) -> ErrorCode:
@@ -291,23 +296,47 @@ class Error:
         return f"unknown error code {self.code!r}: {self.message}"
 
 
-def _printable(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace")
+def _printable(raw: bytes | str) -> str:
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
     return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
-Frame = Hello | Challenge | ProofFrame | Accept | Error
+@frozen
+class ProofAccept:
+    """
+    Version 2's C{ACCEPT}: the server accepts the client and proves itself
+    (role C{server}); application data follows.
+    """
 
-_PARSERS: dict[int, type[Hello | Challenge | ProofFrame | Accept | Error]] = {
-    t.type: t for t in (Hello, Challenge, ProofFrame, Accept, Error)
+    type: ClassVar[FrameType] = FrameType.ACCEPT
+    proof: Proof
+
+    def body(self) -> bytes:
+        return encodeFields(*self.proof.fields())
+
+    @classmethod
+    def parse(cls, body: bytes) -> ProofAccept:
+        return cls(Proof.fromFields(decodeFields(body, 5)))
+
+
+Frame = Hello | Challenge | ProofFrame | Accept | Error | ProofAccept
+_Parser = type[Hello | Challenge | ProofFrame | Accept | Error | ProofAccept]
+
+#: The frame types of each version, by their type byte.
+_PARSERS: dict[int, dict[int, _Parser]] = {
+    1: {t.type: t for t in (Hello, Challenge, ProofFrame, Accept, Error)},
+    2: {t.type: t for t in (ProofFrame, ProofAccept, Error)},
 }
 
 
-def encodeFrame(frame: Frame) -> bytes:
+def encodeFrame(frame: Frame, version: int = VERSION) -> bytes:
+    """
+    The bytes of C{frame} in protocol C{version} (its header's first byte).
+    """
     body = frame.body()
     if len(body) > MAX_BODY:
         raise ValueError(f"a frame body of {len(body)} bytes exceeds {MAX_BODY}")
-    return HEADER.pack(VERSION, frame.type, len(body)) + body
+    return HEADER.pack(version, frame.type, len(body)) + body
 
 
 class FrameDecoder:
@@ -315,11 +344,16 @@ class FrameDecoder:
     Takes bytes as they arrive and gives back whole frames, one at a time, so
     that the caller can stop at the last handshake frame and hand the rest of
     the bytes, untouched, to the application.
+
+    @ivar version: the protocol version of the connection; frames of another
+        version are refused, and so are types that version does not have.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = VERSION) -> None:
         self._buffer = b""
         self._first = True
+        self.version = version
+        self._parsers = _PARSERS[version]
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -330,26 +364,42 @@ class FrameDecoder:
 
         @raise WireError: at the first byte that cannot begin or be part of a
             valid frame; a header announcing too long a body is refused before
-            the body arrives.
+            the body arrives.  A frame of type C{ERROR} that fails a check is
+            not to be answered (L{WireError.answer} is false): the peer is
+            closing anyway, and two peers must never answer each other's
+            errors.
         """
         if len(self._buffer) < HEADER.size:
             return None
         version, frameType, length = HEADER.unpack_from(self._buffer)
-        if version != VERSION:
+        try:
+            return self._next(version, frameType, length)
+        except WireError as e:
+            if frameType == FrameType.ERROR:
+                e.answer = False
+            raise
+
+    def _next(self, version: int, frameType: int, length: int) -> Frame | None:
+        if version != self.version:
             if not self._first:
                 # The version was settled by the first frame; this is not a
                 # peer of another version, but bytes out of place.
                 raise WireError(
                     ErrorCode.protocol_error,
-                    f"a frame of version {version} after frames of version {VERSION}",
+                    f"a frame of version {version} after frames of version"
+                    f" {self.version}",
                 )
             raise WireError(
                 ErrorCode.version_unsupported,
-                f"version {version} is not supported; this peer speaks {VERSION}",
+                f"version {version} is not supported on this connection, which"
+                f" speaks {self.version}",
             )
-        parser = _PARSERS.get(frameType)
+        parser = self._parsers.get(frameType)
         if parser is None:
-            raise WireError(ErrorCode.protocol_error, f"unknown frame type {frameType}")
+            raise WireError(
+                ErrorCode.protocol_error,
+                f"unknown frame type {frameType} in version {self.version}",
+            )
         if length > MAX_BODY:
             raise WireError(
                 ErrorCode.protocol_error,
@@ -378,21 +428,25 @@ def signedPayload(
     publicKey: bytes,
     challenge: bytes,
     exporter: bytes,
+    version: int = VERSION,
 ) -> bytes:
     """
     The exact bytes a proof's signature covers: a domain-separation label, the
     protocol version, the signer's role, its organization, service, algorithm
-    name and public key, the challenge the verifier sent, and the TLS exporter
-    value of this connection, in that order, each encoded as a field.
+    name and public key, the challenge the verifier sent (version 1 only:
+    version 2 has no challenges, and C{challenge} is ignored), and the TLS
+    exporter value of this connection, in that order, each encoded as a
+    field.
     """
-    return encodeFields(
+    claim = (
         SIGNATURE_LABEL,
-        bytes([VERSION]),
+        bytes([version]),
         role.value,
         org.encode("utf-8"),
         service.encode("utf-8"),
         algorithm.encode("utf-8"),
         publicKey,
-        challenge,
-        exporter,
     )
+    if version == 1:
+        return encodeFields(*claim, challenge, exporter)
+    return encodeFields(*claim, exporter)

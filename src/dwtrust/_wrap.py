@@ -28,6 +28,7 @@ from ._policy import ApprovalPolicy, ITrustPolicy, PinningPolicy
 from ._protocol import HandshakeFactory, HandshakeProtocol, tlsFactory
 from ._status import Metrics
 from ._tls import ConnectionCreator
+from ._wire import VERSIONS
 from .approval import IApprover, approverFromName
 from .store import SQLiteStore
 from .store._newest import NEWEST_FILE, NewestDecisions
@@ -55,6 +56,10 @@ class Authenticator:
         server factory this authenticator wraps.
     @ivar metrics: what the server side counts (handshakes by outcome, open
         connections, decision latency), for the daemon's C{/metrics}.
+    @ivar versions: the dwtrust protocol versions this side offers and
+        accepts, preferred first (negotiated by ALPN in the TLS handshake).
+        C{(1,)} behaves exactly as a version 1 peer; C{(2,)} refuses version
+        1 peers with C{version_unsupported}.
     """
 
     identity: Identity
@@ -65,13 +70,14 @@ class Authenticator:
     decisionTimeout: float = DEFAULT_DECISION_TIMEOUT
     limits: Limits = field(factory=Limits)
     metrics: Metrics = field(factory=Metrics)
+    versions: tuple[int, ...] = field(default=VERSIONS, kw_only=True, converter=tuple)
     _creator: ConnectionCreator = field(init=False)
     _admission: Admission = field(init=False)
     _servers: list[HandshakeFactory] = field(init=False, factory=list)
     _closers: list[Callable[[], Deferred[None]]] = field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
-        self._creator = ConnectionCreator(self.identity)
+        self._creator = ConnectionCreator(self.identity, self.versions)
         self._admission = Admission(self.limits, self.clock.seconds)
 
     def _handshakeFactory(
@@ -96,6 +102,7 @@ class Authenticator:
             limits=self.limits,
             admission=None if isClient else self._admission,
             metrics=None if isClient else self.metrics,
+            versions=self.versions,
         )
 
     def wrapServerFactory(

@@ -558,16 +558,18 @@ class _Connection:
             assert self.handshake is not None
             if self.interrupted:
                 self.interrupt()
+            # The owners' decision may hold us before the application is
+            # connected (version 2, a server not pinned yet) or after it.
+            self.notice = self.reactor.callLater(HELD_NOTICE, self.heldNotice)
+            trusted: list[bool] = []
+            self.handshake.whenTrusted().addBoth(self.stopNotice).addCallbacks(
+                lambda _: trusted.append(True), lambda _: None
+            )
             await self.handshake.whenConnected()
         except Exception:
+            self.stopNotice(None)
             return self._failed(Failure(), proved)
         proved = True
-        handshake = self.handshake
-        self.notice = self.reactor.callLater(HELD_NOTICE, self.heldNotice)
-        trusted: list[bool] = []
-        handshake.whenTrusted().addBoth(self.stopNotice).addCallbacks(
-            lambda _: trusted.append(True), lambda _: None
-        )
         (reason,) = await done
         if self.interrupted:
             return self._interrupted(bool(trusted))
