@@ -158,7 +158,11 @@ def measure(algorithm: str, seconds: float, work: Path) -> dict[str, float]:
             lambda: verifyProof(proof, Role.client, challenge, channel), seconds
         ),
         "signed decision: decode and verify (policy, per lookup)": timed(
-            lambda: signers.verify(SignedDecision.decode(encoded), serverIdentity.name),
+            lambda: signers.verify(
+                SignedDecision.decode(encoded),
+                serverIdentity.name,
+                serverIdentity.fingerprint,
+            ),
             seconds,
         ),
         "frame: encode + decode a CHALLENGE": timed(encodeDecode, seconds),

@@ -48,8 +48,12 @@ def stringConnector(reactor: Any, paths: dict[str, str], port: int) -> Connect:
 async def drive(reactor: Any, options: argparse.Namespace) -> None:
     work = Path(options.directory or tempfile.mkdtemp(prefix="dwtrust-bench-"))
     paths = _common.setUp(work, "ecdsa-p256")
-    dwtrust = ServerProcess("benchmarks.connections", "dwtrust", json.dumps(paths))
-    tls = ServerProcess("benchmarks.connections", "tls", json.dumps(paths))
+    dwtrust = ServerProcess(
+        "benchmarks.connections", "dwtrust", "ecdsa-p256", json.dumps(paths)
+    )
+    tls = ServerProcess(
+        "benchmarks.connections", "tls", "ecdsa-p256", json.dumps(paths)
+    )
     try:
         api, authenticator = await _common.dwtrustConnector(
             reactor, paths, dwtrust.port

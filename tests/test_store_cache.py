@@ -17,8 +17,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from dwtrust.store import KeyState, SQLiteStore
+from dwtrust.store._attempts import SEEN_INTERVAL
 from dwtrust.store._cache import CHECK_INTERVAL
-from dwtrust.store._sqlite import SEEN_INTERVAL
 
 from .test_store import peerIdentity, temporaryDirectory
 

@@ -78,6 +78,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._identity import PeerIdentity
+from ._attempts import AttemptCounter, Rows
 from ._interface import (
     DecisionConflict,
     IKnownServices,
@@ -173,9 +174,6 @@ FRESHNESS = 2.0
 #: heard it; if it has not, the listener's connection is taken for stalled
 #: (silently cut, or a server that no longer delivers), and it reconnects.
 LISTENER_STALL = 5.0
-#: Seconds the attempts counted by L{PostgreSQLStore.seen} wait, at most,
-#: before they are written, all in one transaction.
-SEEN_INTERVAL = 1.0
 
 #: Each entry takes the schema from its index to the next version: the same
 #: steps as L{dwtrust.store._sqlite.MIGRATIONS}, in PostgreSQL's types.
@@ -632,11 +630,8 @@ class PostgreSQLStore:
         self._beating: LoopingCall | None = None
         # Set (by a stalled heartbeat) to have the listener reconnect.
         self._reconnect = threading.Event()
-        # Attempts counted and not written yet: fingerprint to (count, last
-        # time, last source); and who waits for the write.
-        self._seen: dict[str, tuple[int, float, str]] = {}
-        self._seenWaiting: list[Deferred[None]] = []
-        self._seenCall: IDelayedCall | None = None
+        # Attempts counted by seen() and not written yet.
+        self._attempts = AttemptCounter(self._reactor, self._now, self._writeAttempts)
 
     @classmethod
     def fromURL(
@@ -830,9 +825,7 @@ class PostgreSQLStore:
         """
         if self._closed:
             return succeed(None)
-        if self._seenCall is not None and self._seenCall.active():
-            self._seenCall.cancel()
-        flushing = self._writeSeen()
+        flushing = self._attempts.flush()
         self._closed = True
         self._stopping.set()
         self._stopBeating()
@@ -1667,31 +1660,15 @@ class PostgreSQLStore:
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
         """
         Count the attempt now; write it, with the others counted meanwhile
-        in one transaction, at most L{SEEN_INTERVAL} seconds later, so that
+        in one transaction, at most a second later (see L{AttemptCounter}), so that
         a known peer's connection costs no query.  The L{Deferred} fires
         once it is written (or dropped, while the server is unavailable).
         """
         if self._closed:
             return fail(StoreError(f"the trust store {self.where} is closed"))
-        count = self._seen.get(fingerprint, (0, 0.0, ""))[0]
-        self._seen[fingerprint] = (count + 1, self._now(), source)
-        written: Deferred[None] = Deferred()
-        self._seenWaiting.append(written)
-        if self._seenCall is None:
-            self._seenCall = self._reactor.callLater(SEEN_INTERVAL, self._writeSeen)
-        return written
+        return self._attempts.count(fingerprint, source)
 
-    def _writeSeen(self) -> Deferred[None]:
-        self._seenCall = None
-        counted, self._seen = self._seen, {}
-        waiting, self._seenWaiting = self._seenWaiting, []
-        if not counted:
-            return succeed(None)
-        rows = [
-            (n, when, source, fingerprint)
-            for fingerprint, (n, when, source) in sorted(counted.items())
-        ]
-
+    def _writeAttempts(self, rows: Rows) -> Deferred[None]:
         def count(cursor: Cursor) -> None:
             cursor.executemany(
                 "UPDATE peers SET attempts = attempts + %s, last_seen = %s,"
@@ -1722,13 +1699,6 @@ class PostgreSQLStore:
                     where=self.where,
                 )
 
-        def done(result: object) -> None:
-            for waiter in waiting:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-
         writing: Deferred[None]
         if self._poolDown():
             # Not worth waiting for a connection: drop them at once.
@@ -1737,7 +1707,7 @@ class PostgreSQLStore:
             )
         else:
             writing = self._run(count).addCallback(written)
-        return writing.addErrback(dropped).addBoth(done)
+        return writing.addErrback(dropped)
 
     # IKnownServices
 

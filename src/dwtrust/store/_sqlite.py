@@ -20,7 +20,7 @@ from typing import Any
 from twisted.enterprise import adbapi
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +28,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from .._identity import PeerIdentity
+from ._attempts import AttemptCounter, Rows
 from ._cache import ReadCache
 from ._interface import (
     DecisionConflict,
@@ -129,10 +130,6 @@ MIGRATIONS: Sequence[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-
-#: The most seconds an attempt counted by L{SQLiteStore.seen} waits to be
-#: written.
-SEEN_INTERVAL = 1.0
 
 #: Seconds between checks for changes made by other processes, while the
 #: store is watched (see L{SQLiteStore.watch}).
@@ -321,11 +318,8 @@ class SQLiteStore:
             clock = reactor
         self._clock: IReactorTime = clock
         self._cache = ReadCache(clock, self._dataVersion)
-        # Attempts counted by seen() and not written yet: fingerprint to
-        # (count, last time, last source); and who waits for the write.
-        self._seen: dict[str, tuple[int, float, str]] = {}
-        self._seenWaiting: list[Deferred[None]] = []
-        self._seenCall: IDelayedCall | None = None
+        # Attempts counted by seen() and not written yet.
+        self._attempts = AttemptCounter(clock, self._now, self._writeAttempts)
         # Watching (see watch): who is told, the checks, where they stand,
         # and what this store wrote itself (decisions by fingerprint and
         # sequence, pending requests by id, owners by fingerprint).
@@ -384,14 +378,11 @@ class SQLiteStore:
         watching, self._watching = self._watching, None
         if watching is not None and watching.running:
             watching.stop()
-        if self._seenCall is not None and self._seenCall.active():
-            self._seenCall.cancel()
-        self._seenCall = None
 
         def closed(result: object) -> None:
             self._pool.close()
 
-        return self._writeSeen().addBoth(closed)
+        return self._attempts.flush().addBoth(closed)
 
     def _one(
         self, sql: str, parameters: tuple[Any, ...], convert: Callable[[Any], Any]
@@ -652,41 +643,22 @@ class SQLiteStore:
     def seen(self, fingerprint: str, source: str) -> Deferred[None]:
         """
         Count the attempt now; write it, with the others counted meanwhile
-        in one transaction, at most L{SEEN_INTERVAL} seconds later, so that
+        in one transaction, at most a second later (see L{AttemptCounter}), so that
         a known peer's connection costs no trip to the database thread.  The
         L{Deferred} fires once it is written.
         """
-        count = self._seen.get(fingerprint, (0, 0.0, ""))[0]
-        self._seen[fingerprint] = (count + 1, self._now(), source)
-        written: Deferred[None] = Deferred()
-        self._seenWaiting.append(written)
-        if self._seenCall is None:
-            self._seenCall = self._clock.callLater(SEEN_INTERVAL, self._writeSeen)
-        return written
+        return self._attempts.count(fingerprint, source)
 
-    def _writeSeen(self) -> Deferred[None]:
-        self._seenCall = None
-        counted, self._seen = self._seen, {}
-        waiting, self._seenWaiting = self._seenWaiting, []
-        if not counted:
-            return succeed(None)
-
+    def _writeAttempts(self, rows: Rows) -> Deferred[None]:
         def write(cursor: Any) -> None:
             cursor.executemany(
                 "UPDATE peers SET attempts = attempts + ?, last_seen = ?,"
                 " source = ? WHERE fingerprint = ?",
-                [(n, when, source, fp) for fp, (n, when, source) in counted.items()],
+                rows,
             )
 
-        def done(result: object) -> None:
-            for written in waiting:
-                if isinstance(result, Failure):
-                    written.errback(result)
-                else:
-                    written.callback(None)
-
         writing: Deferred[None] = self._pool.runInteraction(write)
-        return writing.addBoth(done)
+        return writing
 
     # Watching (the contract of IStoreEvents)
 
