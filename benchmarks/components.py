@@ -38,6 +38,48 @@ def _handshake(serverContext: SSL.Context, clientContext: SSL.Context) -> Any:
     return server, client
 
 
+class _NoEffects:
+    """
+    A handshake machine's effects, all doing nothing: what is left is the
+    machine's own cost.
+    """
+
+    def sendFrame(self, frame: object) -> None:
+        pass
+
+    def requestDecision(self, peer: object) -> None:
+        pass
+
+    def cancelDecision(self) -> None:
+        pass
+
+    def connectApplication(self, peer: object) -> None:
+        pass
+
+    def established(self) -> None:
+        pass
+
+    def fail(self, *arguments: object) -> None:
+        pass
+
+
+def _machineRun(identity: Any, channel: Any) -> Callable[[], None]:
+    """
+    One server machine's inputs for a connection (tlsReady, then lost), with
+    I/O and crypto stubbed out.
+    """
+    from dwtrust._machine import Core, buildServer
+
+    newServer = buildServer()
+
+    def machine() -> None:
+        handshake = newServer(Core(identity, _NoEffects(), os.urandom))
+        handshake.tlsReady(channel)
+        handshake.lost()
+
+    return machine
+
+
 def timed(function: Callable[[], object], seconds: float) -> float:
     """
     Microseconds of CPU per call, the median of 5 batches.
@@ -64,7 +106,6 @@ def timed(function: Callable[[], object], seconds: float) -> float:
 def measure(algorithm: str, seconds: float, work: Path) -> dict[str, float]:
     from dwtrust import Identity, PeerIdentity
     from dwtrust._decision import SignedDecision, Signers
-    from dwtrust._machine import buildServer
     from dwtrust._proof import makeProof, verifyProof
     from dwtrust._tls import channelOf, clearKeyCache, makeContext
     from dwtrust._wire import Challenge, FrameDecoder, Role, encodeFrame
@@ -112,34 +153,7 @@ def measure(algorithm: str, seconds: float, work: Path) -> dict[str, float]:
         clearKeyCache()
         channelOf(server)
 
-    class Effects:
-        def sendFrame(self, frame: object) -> None:
-            pass
-
-        def requestDecision(self, peer: object) -> None:
-            pass
-
-        def cancelDecision(self) -> None:
-            pass
-
-        def connectApplication(self, peer: object) -> None:
-            pass
-
-        def established(self) -> None:
-            pass
-
-        def fail(self, *arguments: object) -> None:
-            pass
-
-    newServer = buildServer()
-    from dwtrust._machine import Core
-
-    def machine() -> None:
-        # The machine's own cost: a connection's inputs with I/O and crypto
-        # stubbed out (the tlsReady, hello and lost inputs only).
-        handshake = newServer(Core(serverIdentity, Effects(), os.urandom))
-        handshake.tlsReady(channel)
-        handshake.lost()
+    machine = _machineRun(serverIdentity, channel)
 
     results = {
         "tls handshake, plain P-256 contexts (both sides)": timed(
@@ -249,7 +263,6 @@ def budget(seconds: float) -> list[tuple[str, float]]:
     from dwtrust import Identity, PeerIdentity
     from dwtrust._authority import Decisions
     from dwtrust._decision import SignedDecision, Signers
-    from dwtrust._machine import Core, buildServer
     from dwtrust._policy import ApprovalPolicy
     from dwtrust._proof import makeProof, verifyProof
     from dwtrust._tls import channelOf, makeContext
@@ -353,31 +366,7 @@ def budget(seconds: float) -> list[tuple[str, float]]:
             decoder.feed(wire)
             decoder.next()
 
-    class Effects:
-        def sendFrame(self, frame: object) -> None:
-            pass
-
-        def requestDecision(self, peer: object) -> None:
-            pass
-
-        def cancelDecision(self) -> None:
-            pass
-
-        def connectApplication(self, peer: object) -> None:
-            pass
-
-        def established(self) -> None:
-            pass
-
-        def fail(self, *arguments: object) -> None:
-            pass
-
-    newServer = buildServer()
-
-    def machine() -> None:
-        handshake = newServer(Core(serverIdentity, Effects(), os.urandom))
-        handshake.tlsReady(channel)
-        handshake.lost()
+    machine = _machineRun(serverIdentity, channel)
 
     async def twoAwaits() -> None:
         await succeed(None)
